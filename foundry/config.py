@@ -1,0 +1,278 @@
+"""Model configuration: one dataclass for the Llama family, its named presets and its arithmetic.
+
+This module imports nothing from torch: the planner (`plan.py`) runs where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from foundry.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer, in Hugging Face `LlamaConfig` terms."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None means hidden_size // num_attention_heads
+    intermediate_size: int = 384
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Mixture of experts: 0 experts means a dense MLP. Counted by num_params/planner.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    # Hugging Face identity of the checkpoint this config reads and writes.
+    architecture: str = "LlamaForCausalLM"
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    # Keys of a loaded config.json that foundry does not model, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        self.validate()
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise UserError naming the first inconsistent field."""
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise UserError(f"model config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UserError(
+                f"model config: num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
+
+    # ---- counting -----------------------------------------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def embedding_params(self) -> int:
+        """Parameters of the token embedding and, when untied, the output head."""
+        table = self.vocab_size * self.hidden_size
+        return table if self.tie_word_embeddings else 2 * table
+
+    def attention_params(self) -> int:
+        """Parameters of one layer's attention block (projections and biases)."""
+        h = self.hidden_size
+        weights = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        return weights + bias
+
+    def mlp_params(self, active_only: bool = False) -> int:
+        """Parameters of one layer's MLP: SwiGLU, or the experts plus router when MoE."""
+        h = self.hidden_size
+        if not self.num_experts:
+            bias = (2 * self.intermediate_size + h) if self.mlp_bias else 0
+            return 3 * h * self.intermediate_size + bias
+        inter = self.moe_intermediate_size or self.intermediate_size
+        experts = self.num_experts_per_tok if active_only else self.num_experts
+        return experts * 3 * h * inter + h * self.num_experts
+
+    def layer_params(self, active_only: bool = False) -> int:
+        """Parameters of one decoder layer, its two RMSNorms included."""
+        return self.attention_params() + self.mlp_params(active_only) + 2 * self.hidden_size
+
+    def num_params(self, active_only: bool = False) -> int:
+        """Total parameter count; equals the instantiated model's count exactly."""
+        return (self.embedding_params() + self.num_hidden_layers * self.layer_params(active_only)
+                + self.hidden_size)  # final norm
+
+    def non_embedding_params(self, active_only: bool = False) -> int:
+        return self.num_params(active_only) - self.embedding_params()
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N (active parameters) plus attention's 12*L*H*Q*T (PaLM, App. B)."""
+        n = self.num_params(active_only=True)
+        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6 * n + attention
+
+    def weight_bytes(self, bytes_per_param: float) -> float:
+        return self.num_params() * bytes_per_param
+
+    # ---- Hugging Face config.json -------------------------------------------------------
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents in the Hugging Face schema."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update({
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        })
+        if self.num_experts:
+            out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size)
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face config.json dict (transformers 4 and 5 spellings)."""
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "architecture"}
+        archs = raw.pop("architectures", None) or ["LlamaForCausalLM"]
+        # transformers 5 writes rope_parameters = {rope_type, rope_theta, ...}
+        rope_parameters = raw.pop("rope_parameters", None)
+        if rope_parameters:
+            rope_parameters = dict(rope_parameters)
+            raw.setdefault("rope_theta", rope_parameters.pop("rope_theta", 10000.0))
+            if rope_parameters.get("rope_type", "default") != "default":
+                raw.setdefault("rope_scaling", rope_parameters)
+        if "num_local_experts" in raw:
+            raw["num_experts"] = raw.pop("num_local_experts")
+        kwargs = {k: raw.pop(k) for k in list(raw) if k in known}
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        return cls(architecture=archs[0], extra=raw, **kwargs)
+
+    # ---- files --------------------------------------------------------------------------
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Load a YAML file of ModelConfig fields, or a Hugging Face config.json."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read model config {path}: {exc.strerror}") from None
+        if path.suffix == ".json":
+            return cls.from_hf_dict(json.loads(text))
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of ModelConfig fields")
+        if "preset" in data:
+            base = preset(data.pop("preset"))
+            return base.replace(**data)
+        return cls(**_checked_fields(cls, data, str(path)))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        _checked_fields(type(self), changes, "override")
+        return dataclasses.replace(self, **changes)
+
+
+def _checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown model config field(s) {', '.join(unknown)}")
+    return data
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+# Named presets. The Llama 3 shapes are the published ones (Meta's config.json files).
+PRESETS: dict[str, ModelConfig] = {
+    # ~1.3M parameters: the test model.
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=384, max_position_embeddings=1024,
+                        tie_word_embeddings=True),
+    # ~5M parameters: the demo model, trains visibly in minutes on two CPU cores.
+    "mini": ModelConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=768, max_position_embeddings=1024,
+                        tie_word_embeddings=True),
+    # ~15.7M parameters: the benchmark model of ENVIRONMENT.md.
+    "small": ModelConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                         num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=2048),
+    "llama3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
+                               rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072,
+                               tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama3.2-3b": ModelConfig(vocab_size=128256, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                               num_key_value_heads=8, head_dim=128, intermediate_size=8192, rope_theta=500000.0,
+                               rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072,
+                               tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0,
+                             max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                              num_key_value_heads=8, intermediate_size=28672, rope_theta=500000.0,
+                              max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
+                               num_key_value_heads=8, intermediate_size=53248, rope_theta=500000.0,
+                               rope_scaling=dict(_LLAMA3_ROPE), max_position_embeddings=131072,
+                               bos_token_id=128000, eos_token_id=128001),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def human_count(n: float) -> str:
+    """12_345_678 -> '12.3M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{1 if n / scale < 100 else 0}f}{unit}"
+    return str(int(n)) if float(n).is_integer() else f"{n:.3g}"
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units: 1.5 GiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "human_count", "human_bytes"]
