@@ -21,21 +21,28 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync it and rename it over `path`."""
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        yield handle
 
 
 def write_json(path: str | Path, data: Any) -> None:
