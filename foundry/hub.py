@@ -1,21 +1,28 @@
-"""Model directories (the Hugging Face layout of DESIGN.md): find, load and save them."""
+"""Model directories (the Hugging Face layout of DESIGN.md): find them (locally or on the Hub), load and save them."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from foundry.config import ModelConfig
 from foundry.errors import UserError
-from foundry.files import atomic_dir, atomic_path, write_json
+from foundry.files import atomic_dir, write_json
 from foundry.model import Transformer
+from foundry.weights import DEFAULT_SHARD_SIZE, layout_of, parse_size, read_tensors, weight_files, write_tensors
 
 LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
+# Files of a Hub repository that running a model needs (weights are added by kind).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+# Files written beside the weights that describe the tokenizer; `export` copies them as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 
 @dataclass
@@ -39,18 +46,50 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt if (ckpt / "config.json").is_file() else None
 
 
-def resolve_model_dir(spec: str | Path) -> Path:
-    """A model directory from a path to one, or to a run directory (its newest checkpoint)."""
-    path = Path(spec)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+
+
+def resolve_model_dir(spec: str | Path, revision: str | None = None, token: str | bool | None = None,
+                      cache_dir: str | Path | None = None, trust_pickle: bool = False) -> Path:
+    """A model directory from a path to one, to a run directory (its newest checkpoint), or a Hub id.
+
+    Hub ids ("org/name", "org/name@revision") go through huggingface_hub: its cache, HF_TOKEN and
+    HF_HUB_OFFLINE apply as they do for transformers."""
+    path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         return path
     if path.is_dir():
         ckpt = latest_checkpoint(path)
         if ckpt is not None:
             return ckpt
-        raise UserError(f"{path} is neither a model directory (no config.json) nor a run directory "
+        raise UserError(f"{path} is neither a model directory (it has no config.json) nor a run directory "
                         f"with a complete checkpoint")
-    raise UserError(f"model {spec!r} not found: give a model directory, a run directory or a preset name")
+    if path.exists():
+        raise UserError(f"{path} is a file; give a model directory (with config.json) or a Hub id")
+    if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith("."):
+        return _from_hub(spec, revision, token, cache_dir, trust_pickle)
+    raise UserError(f"model {str(spec)!r} not found: give a model directory, a run directory or a Hub id")
+
+
+def _from_hub(spec: str, revision: str | None, token: str | bool | None, cache_dir: str | Path | None,
+              trust_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, at = spec.partition("@")
+    patterns = HUB_FILES + (["*.bin"] if trust_pickle else [])
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or at or None, token=token, cache_dir=cache_dir,
+                                      allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise UserError(f"model {spec!r} is neither a local directory nor in the Hugging Face cache, and it cannot "
+                        f"be downloaded (offline, or no network); download it once while online") from None
+    except (HfHubHTTPError, HFValidationError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot fetch model {spec!r} from the Hugging Face Hub: {first}") from None
+    if not (path / "config.json").is_file():
+        raise UserError(f"Hub repository {repo_id!r} has no config.json: it is not a transformers model")
+    return path
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -62,30 +101,62 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
+    # transformers 5 writes "dtype", 4 wrote "torch_dtype".
+    raw = _read_json(model_dir / "config.json")
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def load_weights(model: Transformer, model_dir: Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, trust_pickle: bool = False) -> None:
+    """Fill a (meta-device) model with a directory's weights, tensor by tensor, checking every name and shape."""
+    config = model.config
+    layout = layout_of(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    kind, files = weight_files(model_dir, trust_pickle)
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for hf_name, tensor in read_tensors(kind, files):
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue  # some files store the tied head too
+        parts = layout.to_foundry(hf_name, tensor, config, expected)
+        if parts is None:
+            unexpected.append(hf_name)
+            continue
+        for name, part in parts:
+            state[name] = part.to(device=device, dtype=dtype or part.dtype)
+    missing = [name for name in expected if name not in state]
+    if missing or unexpected:
+        raise UserError(f"{model_dir}: the weights do not match config.json ({config.architecture}): "
+                        + "; ".join(f"{len(names)} {what}, first {names[0]}"
+                                    for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.init_rotary(device)  # buffers were built on the meta device
 
 
 def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         with_tokenizer: bool = True) -> LoadedModel:
-    """Load a model directory (or a run directory's newest checkpoint) for use."""
-    model_dir = resolve_model_dir(spec)
+         with_tokenizer: bool = True, *, revision: str | None = None, token: str | bool | None = None,
+         cache_dir: str | Path | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model directory, a run directory's newest checkpoint, or a Hugging Face Hub model for use.
+
+    The model is built on the meta device and filled with memory-mapped weights, so loading needs about one
+    copy of them. dtype None keeps the checkpoint's dtype (config.json's, else the files')."""
+    model_dir = resolve_model_dir(spec, revision, token, cache_dir, trust_pickle)
     config = read_config(model_dir)
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{model_dir} has no model.safetensors")
     with torch.device("meta"):
         model = Transformer(config)
-    state = load_file(str(weights), device=str(device))
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{weights}: missing tensors {missing[:5]} / unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
-    model.init_rotary(device)  # buffers were built on the meta device
+    load_weights(model, model_dir, device, dtype or _checkpoint_dtype(model_dir), trust_pickle)
     model.eval()
     tokenizer = None
     if with_tokenizer and (model_dir / "tokenizer.json").is_file():
@@ -98,20 +169,19 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None,
                       generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-                      dtype: torch.dtype | None = None) -> None:
-    """Write config, weights, tokenizer and metadata into an existing (usually temporary) directory."""
+                      dtype: torch.dtype | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE) -> None:
+    """Write config, weights, tokenizer and metadata into an existing (usually temporary) directory.
+
+    Weights go under the family's Hugging Face names (fused and transposed back where it has such tensors),
+    sharded past shard_size. generation_config is written as given, with ids from the config filling gaps."""
     config = model.config
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        tensor = tensor.detach().to(dtype) if dtype is not None else tensor.detach()
-        state[name] = tensor.contiguous().cpu().clone()
+    state = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    written = write_tensors(model_dir, layout_of(config).to_hf(state), parse_size(shard_size), dtype)
     hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(written).removeprefix("torch.")
     write_json(model_dir / "config.json", hf)
-    with atomic_path(model_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
     gen.update(generation_config or {})
@@ -122,15 +192,35 @@ def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None
         write_json(model_dir / "foundry.json", meta)
 
 
-def save(out_dir: str | Path, model: Transformer, tokenizer: Any = None,
-         generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-         dtype: torch.dtype | None = None) -> Path:
-    """Save a complete model directory atomically (it appears whole or not at all)."""
-    out_dir = Path(out_dir)
+def _new_dir(out_dir: Path) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} already exists and is not empty; choose another --out")
     if out_dir.exists():
         out_dir.rmdir()
+
+
+def save(out_dir: str | Path, model: Transformer, tokenizer: Any = None,
+         generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+         dtype: torch.dtype | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """Save a complete model directory atomically (it appears whole or not at all)."""
+    out_dir = Path(out_dir)
+    _new_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_model_files(tmp, model, tokenizer, generation_config, meta, dtype)
+        write_model_files(tmp, model, tokenizer, generation_config, meta, dtype, shard_size)
+    return out_dir
+
+
+def export(spec: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+           shard_size: str | int = DEFAULT_SHARD_SIZE, trust_pickle: bool = False) -> Path:
+    """Re-write a model (directory, checkpoint or Hub id) as a directory transformers loads: safetensors shards,
+    config.json, generation_config.json and the tokenizer files as they were."""
+    out_dir = Path(out_dir)
+    parse_size(shard_size)  # refuse a bad size before any loading
+    _new_dir(out_dir)
+    loaded = load(spec, dtype=dtype, with_tokenizer=False, trust_pickle=trust_pickle)
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(tmp, loaded.model, None, loaded.generation_config, loaded.meta or None, dtype, shard_size)
+        for name in TOKENIZER_FILES:
+            if (loaded.path / name).is_file():
+                shutil.copyfile(loaded.path / name, tmp / name)
     return out_dir

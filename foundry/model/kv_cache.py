@@ -40,12 +40,17 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 
-    def attention_mask(self, new_tokens: int) -> torch.Tensor:
-        """Boolean mask [B, 1, T, length+T]: causal over slots, padding keys hidden."""
+    def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor:
+        """Boolean mask [B, 1, T, length+T]: causal over slots, padding keys hidden.
+
+        window: a sliding-window layer sees only the `window` newest slots, its own included."""
         end = self.length + new_tokens
         query_slot = torch.arange(self.length, end, device=self.valid.device)[:, None]
         key_slot = torch.arange(end, device=self.valid.device)[None, :]
-        allowed = (key_slot <= query_slot)[None] & self.valid[:, None, :end]
+        causal = key_slot <= query_slot
+        if window is not None:
+            causal &= key_slot > query_slot - window
+        allowed = causal[None] & self.valid[:, None, :end]
         # A padding query would see no key at all (NaN softmax); let it see itself.
         allowed |= (key_slot == query_slot)[None]
         return allowed[:, None]

@@ -1,4 +1,5 @@
-"""The decoder-only transformer, with Hugging Face `LlamaForCausalLM` parameter names."""
+"""The decoder-only transformer, with Hugging Face parameter names (`LlamaForCausalLM`'s, plus each family's
+extra modules under their own Hugging Face names)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from foundry.config import ModelConfig
 from foundry.model.kv_cache import KVCache
-from foundry.model.layers import DecoderLayer, RMSNorm
-from foundry.model.rope import inverse_frequencies, rotary_cos_sin
+from foundry.model.layers import DecoderLayer, make_norm
+from foundry.model.rope import attention_factor, inverse_frequencies, long_context_threshold, rotary_cos_sin
 
 
 class Backbone(nn.Module):
@@ -20,12 +21,15 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config)
 
 
 class Transformer(nn.Module):
-    """A Llama-family causal language model: token ids in, next-token logits out."""
+    """A decoder-only causal language model (Llama, Mistral, Qwen, Phi-3, Gemma, OLMo 2, GPT-2 families):
+    token ids in, next-token logits out."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -34,8 +38,9 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        self.layer_types = [config.layer_type(i) for i in range(config.num_hidden_layers)]
         self.activation_checkpointing = False
+        self.init_rotary()
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -44,9 +49,21 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_rotary(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the rotary frequencies, e.g. after building on the meta device."""
-        device = device if device is not None else self.model.embed_tokens.weight.device
-        self.register_buffer("inv_freq", inverse_frequencies(self.config).to(device), persistent=False)
+        """(Re)compute the rotary frequencies, e.g. after building on the meta device.
+
+        `inv_freq` serves full-attention layers; `inv_freq_sliding` sliding ones when their base differs
+        (Gemma 3); `inv_freq_long` LongRoPE's set for positions past the original context (Phi-3)."""
+        if self.config.position_embedding != "rope":
+            return
+        if device is None:
+            device = self.model.embed_tokens.weight.device
+        buffers = {"inv_freq": inverse_frequencies(self.config)}
+        if self.config.sliding_rope_theta is not None:
+            buffers["inv_freq_sliding"] = inverse_frequencies(self.config, "sliding_attention")
+        if long_context_threshold(self.config) is not None:
+            buffers["inv_freq_long"] = inverse_frequencies(self.config, long=True)
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(device), persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -56,7 +73,7 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
-                param.fill_(1.0)
+                param.fill_(0.0 if self.config.norm_unit_offset and self.config.norm_type == "rms" else 1.0)
             elif name.endswith(".bias"):
                 param.zero_()
             else:
@@ -64,11 +81,46 @@ class Transformer(nn.Module):
                 param.copy_(torch.randn(param.shape, generator=gen) * s)
         self.init_rotary()
 
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # (cos, sin) per layer type in use.
+        inv_freq = self.inv_freq
+        threshold = long_context_threshold(self.config)
+        if threshold is not None:  # LongRoPE picks its factors by the longest position of this call, as HF does
+            inv_freq = torch.where(positions.max() + 1 > threshold, self.inv_freq_long, self.inv_freq)
+        sliding = getattr(self, "inv_freq_sliding", None)
+        out = {}
+        for kind in set(self.layer_types):
+            freqs = sliding if kind == "sliding_attention" and sliding is not None else inv_freq
+            out[kind] = rotary_cos_sin(freqs, positions, dtype, attention_factor(self.config, kind))
+        return out
+
+    def _masks(self, t: int, cache: KVCache | None, pad_mask: torch.Tensor | None,
+               device: torch.device) -> dict[str, torch.Tensor | None]:
+        # Boolean attention masks per layer type; None means plain causal attention.
+        out: dict[str, torch.Tensor | None] = {}
+        for kind in set(self.layer_types):
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            if cache is not None:
+                out[kind] = cache.attention_mask(t, window)
+            elif pad_mask is None and window is None:
+                out[kind] = None
+            else:
+                allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+                if window is not None:
+                    allowed = allowed.triu(diagonal=1 - window)
+                if pad_mask is None:
+                    out[kind] = allowed[None, None]
+                else:
+                    # A padding query would see no key at all (NaN softmax); let it see itself.
+                    allowed = (allowed[None] & pad_mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=device)
+                    out[kind] = allowed[:, None]
+        return out
+
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for token ids [B, T].
 
-        positions: RoPE positions [B, T] (default: the cache length onwards).
+        positions: position ids [B, T] (default: the cache length onwards).
         cache: a KVCache to read and extend (incremental decoding).
         pad_mask: [B, T] True for real tokens, False for left padding."""
         b, t = input_ids.shape
@@ -76,25 +128,35 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(self.inv_freq, positions, x.dtype)
-        mask = None
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(hidden) to the weights' dtype first
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        rotary = {}
+        if self.config.position_embedding == "learned":
+            x = x + self.model.embed_positions(positions)
+        else:
+            rotary = self._rotary(positions, torch.float32 if self.config.upcast_norm_and_rope else x.dtype)
         if cache is not None:
             cache.reserve(t, pad_mask)
-            mask = cache.attention_mask(t)
-        elif pad_mask is not None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & pad_mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=x.device)
-            mask = mask[:, None]
-        for layer in self.model.layers:
+        masks = self._masks(t, cache, pad_mask, x.device)
+        for layer, kind in zip(self.model.layers, self.layer_types):
+            cos, sin = rotary.get(kind, (None, None))
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks[kind], cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, masks[kind], cache)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for final hidden states: the output head, then the family's soft cap (Gemma 2)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] (see hidden_states for the options)."""
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, pad_mask))
+        return self.logits(self.hidden_states(input_ids, positions, cache, pad_mask))
