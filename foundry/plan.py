@@ -1,0 +1,484 @@
+"""`foundry plan`: what a training or serving run will take, whether it fits, what it costs, what it reaches.
+
+Pure arithmetic over `config.py`; runs where torch is not installed. Sources:
+- FLOPs: 6N per token (Kaplan et al. 2020), plus attention's 12*L*H*Q*T (PaLM, Chowdhery et al. 2022,
+  App. B); MoE counts active parameters. MFU is PaLM's model-FLOPs utilisation.
+- Model states: 2 + 2 + 12 bytes per parameter for mixed-precision Adam, sharded by ZeRO stage
+  (Rajbhandari et al. 2020, Sec. 3-5); FSDP full shard = stage 3, shard-grad-op = stage 2.
+- Activations: Korthikanti et al. 2022 (arXiv:2205.05198, Sec. 4), per layout and recompute mode.
+- Sizing and loss: see `foundry.scaling`. Hardware: see `foundry.hardware`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from foundry import scaling
+from foundry.config import PRESETS, ModelConfig, preset
+from foundry.errors import UserError
+from foundry.hardware import Hardware, lookup, with_overrides
+
+# (weights, gradients, optimizer) bytes per parameter with Adam; ZeRO's K = 12 for mixed precision.
+STATE_BYTES = {"bf16-mixed": (2, 2, 12), "fp32": (4, 4, 8)}
+ACTIVATION_BYTES = {"bf16-mixed": 2, "fp32": 4}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+RECOMPUTE = ("none", "selective", "full")
+KERNELS = ("fused", "eager")
+FSDP = {"full": 3, "grad-op": 2}
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(value: str | float | int | None, flag: str) -> float | None:
+    """'7B', '15.6T', '3e23', 1e9 -> a positive float; UserError naming `flag` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        match = re.fullmatch(r"\$?\s*([0-9.eE+-]+)\s*([kKmMbBgGtT]?)", value.strip().replace("_", ""))
+        try:
+            number = float(match.group(1)) * _SUFFIX[match.group(2).lower()] if match else math.nan
+        except ValueError:
+            number = math.nan
+        if math.isnan(number):
+            raise UserError(f"{flag} must be a number such as 7e9 or 7B, got {value!r}")
+    _positive(flag, number)
+    return number
+
+
+def _positive(flag: str, value: float | int | None) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"{flag} must be positive, got {value:g}")
+
+
+# ---- arithmetic ---------------------------------------------------------------------------
+
+def model_state_bytes(params: float, *, dp: int = 1, zero: int = 0, precision: str = "bf16-mixed",
+                      model_parallel: int = 1) -> dict[str, float]:
+    """Per-device weights, gradients and Adam states, split over TP x PP then sharded by ZeRO over DP."""
+    weights, grads, optimizer = (b * params / model_parallel for b in STATE_BYTES[precision])
+    return {"weights": weights / (dp if zero >= 3 else 1),
+            "gradients": grads / (dp if zero >= 2 else 1),
+            "optimizer": optimizer / (dp if zero >= 1 else 1)}
+
+
+def layer_activation_bytes(seq: int, batch: int, hidden: int, heads: int, *, q_width: int | None = None,
+                           kv_width: int | None = None, ffn_width: int | None = None, tp: int = 1,
+                           sequence_parallel: bool = False, recompute: str = "none", elem: int = 2,
+                           gated: bool = True, dropout: bool = False, kernels: str = "fused") -> float:
+    """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, Sec. 4, generalised).
+
+    With q = kv = h, a 4h GELU MLP, dropout and elem = 2 it is the paper's sbh(34 + 5as/h), with TP
+    sbh(10 + 24/t + 5as/(ht)), with sequence parallelism sbh/t(34 + 5as/h); selective recompute drops
+    the as^2 terms (as FlashAttention does), full recompute keeps only the layer input, 2sbh."""
+    q_width, kv_width = q_width or hidden, kv_width or hidden
+    ffn_width = ffn_width or 4 * hidden
+    sbh, sb = seq * batch * hidden, seq * batch
+    norm_split = tp if sequence_parallel else 1  # without SP, norms and dropouts are replicated per TP rank
+    if recompute == "full":
+        return elem * sbh / norm_split
+    # Two norm inputs, two block inputs (QKV, MLP) and, with dropout, two 1-byte masks.
+    outside = 4 * elem * sbh + (2 * sbh if dropout else 0)
+    # Q, K, V, the attention output; the MLP's hidden activations (SwiGLU keeps four, GELU two).
+    inside = elem * sb * (2 * q_width + 2 * kv_width) + (4 if gated else 2) * elem * sb * ffn_width
+    if kernels == "eager":
+        # PyTorch eager (foundry's model unfused): each RMSNorm also keeps its fp32 normalised
+        # input, and GQA's K/V are expanded to every query head before SDPA saves them.
+        outside += 2 * 4 * sbh
+        inside += elem * sb * 2 * (q_width - kv_width)
+    scores = 0 if recompute == "selective" else heads * seq * seq * batch * (elem + (1 + elem if dropout else 0))
+    return outside / norm_split + (inside + scores) / tp
+
+
+def activation_bytes(config: ModelConfig, *, seq: int, micro_batch: int, tp: int = 1, pp: int = 1,
+                     sequence_parallel: bool = False, recompute: str = "selective", elem: int = 2,
+                     kernels: str = "fused") -> float:
+    """Peak activation bytes on the busiest device: all layers' worth under 1F1B, plus the output layer."""
+    ffn = config.intermediate_size
+    if config.num_experts:  # each token runs through k experts
+        ffn = (config.moe_intermediate_size or ffn) * config.num_experts_per_tok
+    common = dict(q_width=config.q_size, kv_width=config.kv_size, ffn_width=ffn, tp=tp,
+                  sequence_parallel=sequence_parallel, elem=elem, kernels=kernels)
+    shape = (seq, micro_batch, config.hidden_size, config.num_attention_heads)
+    per_layer = layer_activation_bytes(*shape, recompute=recompute, **common)
+    layers = config.num_hidden_layers
+    # 1F1B: the first stage holds L/p layers for p micro-batches in flight (Korthikanti Sec. 4.2.3).
+    first_stage = layers * per_layer
+    if recompute == "full":  # the layer being recomputed holds its full set during its backward
+        first_stage += layer_activation_bytes(*shape, recompute="none", **common)
+    sb = seq * micro_batch
+    norm_split = tp if sequence_parallel else 1
+    final_norm = (2 * elem + (4 if kernels == "eager" else 0)) * sb * config.hidden_size / norm_split
+    # At the loss's backward: logits, fp32 log-probs saved by cross-entropy, and both their gradients.
+    logits = (elem + 12) * sb * config.vocab_size / tp
+    last_stage = (layers / pp) * per_layer + final_norm + logits
+    return first_stage + final_norm + logits if pp == 1 else max(first_stage, last_stage)
+
+
+# ---- the request ------------------------------------------------------------------------
+
+@dataclass
+class PlanRequest:
+    """Everything `foundry plan` takes; field names are the CLI's flag names."""
+
+    model: str | ModelConfig | None = None
+    params: str | float | None = None
+    tokens: str | float | None = None
+    hardware: str = "h100-sxm"
+    gpus: int | None = None
+    dp: int | None = None
+    tp: int = 1
+    pp: int = 1
+    zero: int | None = None
+    fsdp: str | None = None
+    sequence_parallel: bool | None = None
+    recompute: str = "selective"
+    kernels: str = "fused"
+    precision: str = "bf16-mixed"
+    mfu: float | None = None
+    price: float | None = None
+    seq_len: int | None = None
+    micro_batch: int = 1
+    budget_flops: str | float | None = None
+    budget_dollars: str | float | None = None
+    loss_law: str = scaling.DEFAULT_LAW
+    context: int | None = None
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+
+
+def make_plan(req: PlanRequest) -> dict[str, Any]:
+    """The whole plan as a JSON-ready dict: model, hardware, layout, training, memory, sizing, inference."""
+    config, source = _model(req)
+    params = parse_count(req.params, "--params")
+    if config is not None:
+        params = float(config.num_params())
+    budget_flops = parse_count(req.budget_flops, "--budget-flops")
+    budget_dollars = parse_count(req.budget_dollars, "--budget-dollars")
+    if budget_flops and budget_dollars:
+        raise UserError("give --budget-flops or --budget-dollars, not both")
+    if params is None and not (budget_flops or budget_dollars):
+        raise UserError("give a model (preset, config file or model directory), --params, "
+                        "or a budget (--budget-flops / --budget-dollars)")
+    if req.mfu is not None and not 0 < req.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {req.mfu:g}")
+    if req.price is not None and req.price < 0:
+        raise UserError(f"--price must not be negative, got {req.price:g}")
+    for flag, value in (("--seq-len", req.seq_len), ("--micro-batch", req.micro_batch), ("--context", req.context)):
+        _positive(flag, value)
+    hw = with_overrides(lookup(req.hardware), price=req.price, mfu=req.mfu)
+    layout = _layout(req, config)
+    law = scaling.loss_law(req.loss_law)
+    plan: dict[str, Any] = {"model": _describe_model(config, source, params),
+                            "hardware": dataclasses.asdict(hw), "layout": layout, "notes": []}
+    if params is not None:
+        plan["training"] = _training(req, config, params, hw, layout, law, plan["notes"])
+        plan["memory"] = _memory(config, params, hw, layout, plan["notes"])
+        plan["inference"] = _inference(req, config, params, hw, layout)
+    if budget_flops or budget_dollars:
+        plan["compute_optimal"] = _sizing(budget_flops, budget_dollars, hw, layout, law)
+        plan["notes"].append(f"sizing: {scaling.TABLE3_SOURCE}")
+    if "compute_optimal" in plan or (plan.get("training") or {}).get("predicted_loss") is not None:
+        plan["notes"].append(f"loss law {law.name}: {law.describe()}; {scaling.WHY[law.name]}")
+    return plan
+
+
+def _model(req: PlanRequest) -> tuple[ModelConfig | None, str | None]:
+    if req.model is not None and req.params is not None:
+        raise UserError("give a model or --params, not both")
+    if isinstance(req.model, ModelConfig):
+        return req.model, "config object"
+    if req.model is None:
+        return None, None
+    return load_model(req.model), str(req.model)
+
+
+def load_model(spec: str) -> ModelConfig:
+    """The config of a preset, a YAML/JSON config file, a model directory or a run directory."""
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if path.is_file():
+        return ModelConfig.from_file(path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()  # a run directory names its newest checkpoint
+    if (path / "config.json").is_file():
+        return ModelConfig.from_file(path / "config.json")
+    raise UserError(f"model {spec!r} is not a preset ({', '.join(PRESETS)}), a config file, "
+                    "a model directory or a run directory")
+
+
+def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:
+    for flag, value in (("--gpus", req.gpus), ("--dp", req.dp), ("--tp", req.tp), ("--pp", req.pp)):
+        _positive(flag, value)
+    tp, pp = req.tp, req.pp
+    if req.gpus is None:
+        dp = req.dp or 1
+        gpus = dp * tp * pp
+    elif req.dp is None:
+        if req.gpus % (tp * pp):
+            raise UserError(f"--gpus {req.gpus} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}")
+        dp, gpus = req.gpus // (tp * pp), req.gpus
+    elif req.dp * tp * pp != req.gpus:
+        raise UserError(f"layout dp x tp x pp = {req.dp} x {tp} x {pp} = {req.dp * tp * pp} "
+                        f"does not equal --gpus {req.gpus}")
+    else:
+        dp, gpus = req.dp, req.gpus
+    if config is not None:
+        heads = config.num_attention_heads
+        if tp > heads:
+            raise UserError(f"--tp {tp} is larger than the model's {heads} attention heads")
+        if heads % tp:
+            raise UserError(f"--tp {tp} does not divide the model's {heads} attention heads")
+        if pp > config.num_hidden_layers:
+            raise UserError(f"--pp {pp} is more than the model's {config.num_hidden_layers} layers")
+    zero = req.zero
+    if req.fsdp is not None:
+        if req.fsdp not in FSDP:
+            raise UserError(f"--fsdp must be one of {', '.join(FSDP)}, got {req.fsdp!r}")
+        if zero is not None and zero != FSDP[req.fsdp]:
+            raise UserError(f"--fsdp {req.fsdp} is ZeRO stage {FSDP[req.fsdp]}, which contradicts --zero {zero}")
+        zero = FSDP[req.fsdp]
+    zero = zero or 0
+    if zero not in (0, 1, 2, 3):
+        raise UserError(f"--zero must be 0, 1, 2 or 3, got {zero}")
+    for flag, value, known in (("--recompute", req.recompute, RECOMPUTE), ("--kernels", req.kernels, KERNELS),
+                               ("--precision", req.precision, tuple(STATE_BYTES))):
+        if value not in known:
+            raise UserError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
+    seq_len = req.seq_len or (min(4096, config.max_position_embeddings) if config else 2048)
+    sp = tp > 1 if req.sequence_parallel is None else bool(req.sequence_parallel)
+    return {"gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "zero": zero, "sequence_parallel": sp,
+            "recompute": req.recompute, "kernels": req.kernels, "precision": req.precision,
+            "seq_len": seq_len, "micro_batch": req.micro_batch}
+
+
+def _describe_model(config: ModelConfig | None, source: str | None, params: float | None) -> dict[str, Any]:
+    if config is None:
+        return {"source": "--params" if params else None, "params": params, "active_params": params}
+    return {"source": source, "params": config.num_params(), "active_params": config.num_params(active_only=True),
+            "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim, "vocab_size": config.vocab_size, "experts": config.num_experts}
+
+
+def _training(req, config, params, hw: Hardware, layout, law, notes) -> dict[str, Any]:
+    active = float(config.num_params(active_only=True)) if config else params
+    tokens = parse_count(req.tokens, "--tokens")
+    tokens_source = "--tokens"
+    if tokens is None:
+        tokens, tokens_source = scaling.optimal_tokens_for(params), "Chinchilla-optimal for this size (Table 3)"
+        notes.append("no --tokens given: training on the compute-optimal token count for this size")
+    seq = layout["seq_len"]
+    flops_6nd = 6 * active * tokens
+    flops = config.train_flops_per_token(seq) * tokens if config else flops_6nd
+    if config is None:
+        notes.append("--params gives no shape: FLOPs are 6ND without the attention term")
+    seconds = flops / (layout["gpus"] * hw.peak_flops * hw.mfu)
+    device_hours = layout["gpus"] * seconds / 3600
+    dense = not (config and config.num_experts)
+    if dense and not scaling.FITTED_PARAMS[0] <= params <= scaling.FITTED_PARAMS[1]:
+        notes.append(f"{scaling.human(params)} parameters is outside the loss law's fitted range "
+                     f"({scaling.human(scaling.FITTED_PARAMS[0])}-{scaling.human(scaling.FITTED_PARAMS[1])}): "
+                     "the predicted loss is an extrapolation")
+    return {"tokens": tokens, "tokens_source": tokens_source, "tokens_per_param": tokens / params,
+            "flops": flops, "flops_6nd": flops_6nd, "flops_attention": flops - flops_6nd,
+            "seconds": seconds, "days": seconds / 86400, "device_hours": device_hours,
+            "cost": device_hours * hw.price_per_hour,
+            "predicted_loss": law.loss(params, tokens) if dense else None,
+            "loss_law": law.describe()}
+
+
+def _memory(config, params, hw: Hardware, layout, notes) -> dict[str, Any]:
+    states = model_state_bytes(params, dp=layout["dp"], zero=layout["zero"], precision=layout["precision"],
+                               model_parallel=layout["tp"] * layout["pp"])
+    fixed = sum(states.values())
+    out: dict[str, Any] = {**states, "capacity": hw.memory_bytes}
+    if config is None:
+        notes.append("--params gives no shape: activation memory is not counted")
+        out.update(activations=None, total=fixed, fits=fixed <= hw.memory_bytes, max_micro_batch=None)
+        return out
+    act = activation_bytes(config, seq=layout["seq_len"], micro_batch=layout["micro_batch"], tp=layout["tp"],
+                           pp=layout["pp"], sequence_parallel=layout["sequence_parallel"],
+                           recompute=layout["recompute"], elem=ACTIVATION_BYTES[layout["precision"]],
+                           kernels=layout["kernels"])
+    per_sample = act / layout["micro_batch"]
+    room = hw.memory_bytes - fixed
+    out.update(activations=act, total=fixed + act, fits=fixed + act <= hw.memory_bytes,
+               max_micro_batch=max(0, math.floor(room / per_sample)) if room > 0 else 0)
+    return out
+
+
+def _inference(req, config, params, hw: Hardware, layout) -> dict[str, Any]:
+    for flag, value in (("--weight-dtype", req.weight_dtype), ("--kv-dtype", req.kv_dtype)):
+        if value not in DTYPE_BYTES:
+            raise UserError(f"{flag} must be one of {', '.join(DTYPE_BYTES)}, got {value!r}")
+    wb, kvb = DTYPE_BYTES[req.weight_dtype], DTYPE_BYTES[req.kv_dtype]
+    active = float(config.num_params(active_only=True)) if config else params
+    context = req.context or layout["seq_len"]
+    devices = layout["tp"] * layout["pp"]  # one serving replica
+    weights = params * wb
+    out: dict[str, Any] = {"context": context, "replica_devices": devices, "weights": weights,
+                           "weights_per_device": weights / devices}
+    kv_token = 2 * config.num_hidden_layers * config.kv_size * kvb if config else 0.0
+    kv_request = kv_token * context
+    # Per generated token: 2 FLOPs per active weight, 4*L*Q per context position for QK^T and AV.
+    flops_token = 2 * active + (4 * config.num_hidden_layers * config.q_size * context if config else 0)
+    # Batch 1: pipeline stages take turns, so only TP's bandwidth adds up.
+    bw1 = layout["tp"] * hw.bandwidth
+    bandwidth_one = bw1 / (active * wb + kv_request)
+    compute_one = layout["tp"] * hw.peak_flops / flops_token
+    out.update(kv_per_token=kv_token or None, kv_per_request=kv_request or None,
+               decode_tokens_per_s_batch1=min(bandwidth_one, compute_one),
+               bound_batch1="bandwidth" if bandwidth_one <= compute_one else "compute")
+    room = devices * hw.memory_bytes - weights
+    if not config:
+        return out
+    batch = max(0, math.floor(room / kv_request)) if room > 0 else 0
+    out["max_batch"] = batch
+    if batch:
+        read = (params if config.num_experts else active) * wb  # a large batch touches every expert
+        bandwidth_bound = batch * devices * hw.bandwidth / (read + batch * kv_request)
+        compute_bound = devices * hw.peak_flops / flops_token
+        rate = min(bandwidth_bound, compute_bound)
+        out.update(decode_tokens_per_s=rate, bound="bandwidth" if bandwidth_bound <= compute_bound else "compute",
+                   dollars_per_million_tokens=hw.price_per_hour * devices / (rate * 3600) * 1e6)
+    return out
+
+
+def _sizing(budget_flops, budget_dollars, hw: Hardware, layout, law) -> dict[str, Any]:
+    flops_per_device_hour = 3600 * hw.peak_flops * hw.mfu
+    if budget_dollars:
+        if hw.price_per_hour <= 0:
+            raise UserError("--budget-dollars needs a positive --price for this hardware")
+        budget_flops = budget_dollars / hw.price_per_hour * flops_per_device_hour
+    params, tokens = scaling.compute_optimal(budget_flops)
+    law_params, law_tokens = law.optimum(budget_flops)
+    device_hours = budget_flops / flops_per_device_hour
+    return {"budget_flops": budget_flops, "params": params, "tokens": tokens, "tokens_per_param": tokens / params,
+            "sizing": scaling.TABLE3_SOURCE, "predicted_loss": law.loss(params, tokens), "loss_law": law.describe(),
+            "law_optimum": {"params": law_params, "tokens": law_tokens, "loss": law.loss(law_params, law_tokens)},
+            "device_hours": device_hours, "days": device_hours / layout["gpus"] / 24,
+            "cost": device_hours * hw.price_per_hour}
+
+
+# ---- output -------------------------------------------------------------------------------
+
+def print_plan(plan: dict[str, Any], as_json: bool = False) -> None:
+    """Print the plan as rich tables, or as JSON."""
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    hw, lay = plan["hardware"], plan["layout"]
+    head = f"[bold]{_model_line(plan['model'])}[/] on {lay['gpus']} x {hw['label']}"
+    if "training" in plan:
+        head += (f": dp {lay['dp']}, tp {lay['tp']}, pp {lay['pp']}, ZeRO {lay['zero']}, "
+                 f"recompute {lay['recompute']}, seq {lay['seq_len']}, micro-batch {lay['micro_batch']}")
+    console.print(head)
+    for title, rows in _sections(plan):
+        table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for note in [f"MFU {hw['mfu']:.0%}: {hw['mfu_source']}", f"hardware: {hw['spec_source']}", *plan["notes"]]:
+        console.print(f"[dim]- {note}[/]")
+
+
+def _sections(plan: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    hw, lay, out = plan["hardware"], plan["layout"], []
+    if "training" in plan:
+        t, m = plan["training"], plan["memory"]
+        loss = f"{t['predicted_loss']:.3f} nats/token" if t["predicted_loss"] is not None else "n/a (MoE)"
+        out.append(("Training", [
+            ("tokens", _count(t["tokens"]), f"{t['tokens_per_param']:.1f} per parameter; {t['tokens_source']}"),
+            ("FLOPs", f"{t['flops']:.3g}", f"6ND {t['flops_6nd']:.3g} + attention {t['flops_attention']:.2g}"),
+            ("time", _duration(t["seconds"]), f"{_devices(lay['gpus'])} at {hw['mfu']:.0%} MFU"),
+            ("device-hours", _count(t["device_hours"]), ""),
+            ("cost", _usd(t["cost"]), f"at ${hw['price_per_hour']:.2f}/device-hour"),
+            ("predicted loss", loss, "loss law in the notes")]))
+        fits = "n/a" if m["activations"] is None else ("yes" if m["fits"] else "NO")
+        rows = [(k, _bytes(m[k]), "") for k in ("weights", "gradients", "optimizer")]
+        rows += [("activations", _bytes(m["activations"]), f"Korthikanti et al. 2022, {lay['kernels']} kernels"),
+                 ("total", _bytes(m["total"]), f"of {_bytes(m['capacity'])}"),
+                 ("fits", fits, "" if m["max_micro_batch"] is None else f"largest micro-batch {m['max_micro_batch']}")]
+        out.append(("Memory per device", rows))
+    if "compute_optimal" in plan:
+        c = plan["compute_optimal"]
+        lo = c["law_optimum"]
+        out.append(("Compute-optimal for the budget", [
+            ("budget", f"{c['budget_flops']:.3g} FLOPs",
+             f"{_usd(c['cost'])}, {_count(c['device_hours'])} device-hours"),
+            ("parameters", _count(c["params"]), "Chinchilla Table 3 (fit in the notes)"),
+            ("tokens", _count(c["tokens"]), f"{c['tokens_per_param']:.1f} per parameter"),
+            ("predicted loss", f"{c['predicted_loss']:.3f} nats/token", "loss law in the notes"),
+            ("loss-law optimum", f"{_count(lo['params'])} params, {_count(lo['tokens'])} tokens",
+             f"loss {lo['loss']:.3f}"),
+            ("time", _duration(c["days"] * 86400), f"on {_devices(lay['gpus'])}")]))
+    if "inference" in plan:
+        i = plan["inference"]
+        per_device = f"{_bytes(i['weights_per_device'])} on each of {i['replica_devices']}"
+        rows = [("weights", _bytes(i["weights"]), per_device)]
+        if i["kv_per_token"]:
+            rows += [("KV cache", f"{_bytes(i['kv_per_token'])}/token", f"{_bytes(i['kv_per_request'])} per "
+                                                                         f"{i['context']}-token request"),
+                     ("largest batch", str(i["max_batch"]), f"at context {i['context']}")]
+        rows.append(("decode, batch 1", f"{i['decode_tokens_per_s_batch1']:,.0f} tokens/s",
+                     f"{i['bound_batch1']}-bound ceiling"))
+        if i.get("decode_tokens_per_s"):
+            rows += [("decode, full batch", f"{i['decode_tokens_per_s']:,.0f} tokens/s", f"{i['bound']}-bound ceiling"),
+                     ("$ per million tokens", _usd(i["dollars_per_million_tokens"]), "at the full-batch ceiling")]
+        out.append(("Inference", rows))
+    return out
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    if model["params"] is None:
+        return "compute-optimal sizing"
+    active = model["active_params"]
+    extra = f", {_count(active)} active" if active != model["params"] else ""
+    return f"{model['source']} ({_count(model['params'])} parameters{extra})"
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" + ("s" if n != 1 else "")
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _usd(n: float) -> str:
+    return f"${_count(n)}" if n >= 1e3 else f"${n:.2f}" if n >= 0.01 else f"${n:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+__all__ = ["PlanRequest", "make_plan", "print_plan", "parse_count", "model_state_bytes",
+           "layer_activation_bytes", "activation_bytes"]
