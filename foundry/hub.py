@@ -129,7 +129,10 @@ def load_weights(model: Transformer, model_dir: Path, device: str | torch.device
     for hf_name, tensor in read_tensors(kind, files):
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # some files store the tied head too
-        parts = layout.to_foundry(hf_name, tensor, config, expected)
+        try:
+            parts = layout.to_foundry(hf_name, tensor, config, expected)
+        except UserError as exc:
+            raise UserError(f"{model_dir}: {exc}") from None
         if parts is None:
             unexpected.append(hf_name)
             continue

@@ -99,6 +99,7 @@ def test_fp32_logits_and_greedy_tokens_equal_transformers(family):
     name, reference, path = family
     ours = hub.load(path).model
     assert ours.config.architecture == reference.config.architectures[0]
+    assert sum(p.numel() for p in ours.parameters()) == ours.config.num_params() == reference.num_parameters()
     ids = _ids(2, 40)  # longer than the sliding windows and Phi-3's original context
     with torch.no_grad():
         diff = (ours(ids) - reference(ids).logits).abs().max().item()

@@ -71,8 +71,10 @@ def test_kv_cache_decoding_equals_full_forward():
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
-def test_left_padding_gives_each_row_its_unpadded_logits():
-    model = _model(AWKWARD)
+@pytest.mark.parametrize("config", [AWKWARD, AWKWARD.replace(sliding_window=4, layer_types=[
+    "sliding_attention", "full_attention", "sliding_attention"])], ids=["full", "sliding-window-4"])
+def test_left_padding_gives_each_row_its_unpadded_logits(config):
+    model = _model(config)
     gen = torch.Generator().manual_seed(3)
     short, long = torch.randint(0, 1000, (1, 7), generator=gen), torch.randint(0, 1000, (1, 12), generator=gen)
     batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
@@ -81,7 +83,7 @@ def test_left_padding_gives_each_row_its_unpadded_logits():
     positions = (pad_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         batched = model(batch, positions=positions, pad_mask=pad_mask)
-        cache = KVCache(AWKWARD, batch_size=2, max_len=16)
+        cache = KVCache(config, batch_size=2, max_len=16)
         cached = model(batch, positions=positions, cache=cache, pad_mask=pad_mask)
         assert (batched[0, 5:] - model(short)[0]).abs().max() < 1e-5
         assert (batched[1] - model(long)[0]).abs().max() < 1e-5
