@@ -31,6 +31,84 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset name, config YAML/JSON, model directory or run directory")
 
 
+# ---- plan -------------------------------------------------------------------------------
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from foundry.plan import PlanRequest, make_plan, print_plan
+
+    fields = {f.name for f in dataclasses.fields(PlanRequest)}
+    print_plan(make_plan(PlanRequest(**{k: v for k, v in vars(args).items() if k in fields})), as_json=args.json)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from foundry.hardware import NAMES
+
+    p = _add(sub, "plan", _cmd_plan, "Training FLOPs, time, cost and memory per device, compute-optimal sizing "
+                                     "and inference limits, before you spend (no torch needed).")
+    p.add_argument("model", nargs="?", help="preset, config YAML/JSON, model directory or run directory")
+    p.add_argument("--params", help="parameter count instead of a model, e.g. 70B (no shape: 6ND only)")
+    p.add_argument("--tokens", help="training tokens, e.g. 15.6T (default: compute-optimal for the size)")
+    p.add_argument("--hardware", default="h100-sxm", help=f"one of {', '.join(NAMES)} (default h100-sxm)")
+    p.add_argument("--gpus", type=int, help="devices in all (default dp x tp x pp)")
+    p.add_argument("--dp", type=int, help="data-parallel degree (default --gpus / (tp x pp))")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the data-parallel ranks")
+    p.add_argument("--fsdp", choices=("full", "grad-op"), help="FSDP sharding: full = ZeRO-3, grad-op = ZeRO-2")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="Megatron sequence parallelism (default: on when --tp > 1)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
+                   help="activation recompute (default selective: no attention scores kept, as FlashAttention)")
+    p.add_argument("--kernels", choices=("fused", "eager"), default="fused",
+                   help="fused (Megatron-style) or PyTorch eager activation accounting (default fused)")
+    p.add_argument("--precision", choices=("bf16-mixed", "fp32"), default="bf16-mixed",
+                   help="bf16-mixed: 2+2+12 bytes/parameter with Adam; fp32: 4+4+8 (default bf16-mixed)")
+    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation, 0-1 (default: the hardware's, from published runs)")
+    p.add_argument("--price", type=float, help="$ per device-hour (default: the catalog's indicative rate)")
+    p.add_argument("--seq-len", type=int, help="training sequence length (default min(4096, model maximum))")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
+    p.add_argument("--budget-flops", help="size a compute-optimal model for this many FLOPs, e.g. 1e24")
+    p.add_argument("--budget-dollars", help="size a compute-optimal model for this many dollars, e.g. 1M")
+    p.add_argument("--loss-law", choices=("besiroglu2024", "hoffmann2022"), default="besiroglu2024",
+                   help="fitted loss law for predicted loss (default besiroglu2024)")
+    p.add_argument("--context", type=int, help="inference context length (default --seq-len)")
+    p.add_argument("--weight-dtype", choices=("bf16", "fp16", "fp8", "int8", "int4"), default="bf16",
+                   help="inference weight format (default bf16)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "int8"), default="bf16",
+                   help="inference KV-cache format (default bf16)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+# ---- export -----------------------------------------------------------------------------
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16"}
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from foundry.hub import export
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    out = export(args.model, args.out, dtype=dtype, shard_size=args.shard_size, trust_pickle=args.trust_pickle)
+    print(f"wrote {out} (loads with transformers' AutoModelForCausalLM.from_pretrained)")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "export", _cmd_export,
+             "Write a model as a Hugging Face directory: safetensors shards, config.json, generation_config.json "
+             "and tokenizer files, loadable by transformers as it is.")
+    p.add_argument("model", help="model directory, run directory or Hugging Face Hub id (org/name[@revision])")
+    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype to write (default: the model's own)")
+    p.add_argument("--shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pytorch_model.bin checkpoint (read with torch.load(weights_only=True))")
+
+
 # ---- export -----------------------------------------------------------------------------
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -65,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_export):
+    for add in (_add_info, _add_plan, _add_export):
         add(sub)
     return parser
 
