@@ -287,6 +287,21 @@ def preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
+    """(config, model directory or None) for a preset, a config file, a model directory or a run directory."""
+    if isinstance(spec, str) and spec in PRESETS:
+        return preset(spec), None
+    path = Path(spec)
+    if path.is_file():
+        return ModelConfig.from_file(path), None
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()  # a run directory: its newest checkpoint
+    if (path / "config.json").is_file():
+        return ModelConfig.from_file(path / "config.json"), path
+    raise UserError(f"model {str(spec)!r} is not a preset ({', '.join(PRESETS)}), a config file, "
+                    f"a model directory or a run directory")
+
+
 def human_count(n: float) -> str:
     """12_345_678 -> '12.3M'."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
