@@ -137,13 +137,66 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="allow a pytorch_model.bin checkpoint (read with torch.load(weights_only=True))")
 
 
+# ---- generate / chat --------------------------------------------------------------------
+
+def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
+    from foundry.infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=args.stop or [])
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    # Unset flags stay None so that the model's generation_config.json supplies the default.
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="sample within probability mass P (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop before this text (repeatable)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from foundry.infer.commands import run_generate
+
+    prompts = args.prompt
+    if not prompts and not sys.stdin.isatty():
+        prompts = [sys.stdin.read()]
+    run_generate(args.model, prompts or [], _sampling_params(args), device=args.device)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "generate", _cmd_generate, "Complete prompts with a model (one prompt streams as it goes).")
+    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text to complete (repeatable; default: read stdin)")
+    _add_sampling_flags(p)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from foundry.infer.commands import run_chat
+
+    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "chat", _cmd_chat, "Talk with a model: one message per line on stdin, replies stream back.")
+    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    _add_sampling_flags(p)
+
+
 # ---- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_plan, _add_export):
+    for add in (_add_info, _add_plan, _add_export, _add_generate, _add_chat):
         add(sub)
     return parser
 

@@ -16,11 +16,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from foundry import scaling
-from foundry.config import PRESETS, ModelConfig, preset
+from foundry.config import ModelConfig, resolve_model_source
 from foundry.errors import UserError
 from foundry.hardware import Hardware, lookup, with_overrides
 
@@ -201,17 +200,7 @@ def _model(req: PlanRequest) -> tuple[ModelConfig | None, str | None]:
 
 def load_model(spec: str) -> ModelConfig:
     """The config of a preset, a YAML/JSON config file, a model directory or a run directory."""
-    if spec in PRESETS:
-        return preset(spec)
-    path = Path(spec)
-    if path.is_file():
-        return ModelConfig.from_file(path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()  # a run directory names its newest checkpoint
-    if (path / "config.json").is_file():
-        return ModelConfig.from_file(path / "config.json")
-    raise UserError(f"model {spec!r} is not a preset ({', '.join(PRESETS)}), a config file, "
-                    "a model directory or a run directory")
+    return resolve_model_source(spec)[0]
 
 
 def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import foundry
 from foundry.eval.perplexity import Perplexity, evaluate
 from foundry.train.checkpoint import load_trainer_state, save_checkpoint
 from foundry.train.config import TrainConfig
+from foundry.train.loss import CausalLMLoss
 from foundry.train.metrics import MetricsLog, plot_losses
 from foundry.train.progress import TrainProgress
 from foundry.train.schedule import lr_at
@@ -71,11 +71,6 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a training run to `cfg.steps` optimizer steps; returns where it ended."""
     run = prepare_run(cfg)
@@ -90,7 +85,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         total_steps = min(cfg.steps, state["total_steps"]) if state.get("budget_fitted") else cfg.steps
     budget_fitted = run.resume_from is not None and total_steps != cfg.steps
-    forward = torch.compile(model) if cfg.compile else model
+    objective = CausalLMLoss(model)
+    loss_of = torch.compile(objective) if cfg.compile else objective
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext())
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=step if run.resume_from else None)
     losses: list[float] = []
@@ -135,7 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             for _ in range(cfg.grad_accum):
                 x, y = next(loader)
                 with autocast:
-                    loss = _loss(forward, x.to(device), y.to(device))
+                    loss = loss_of(x.to(device), y.to(device))
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()

@@ -1,0 +1,228 @@
+"""The inference engine: batched, KV-cached decoding with per-request sampling, stop rules and streaming.
+
+This is the one generation path of foundry: `generate`, `chat`, generative evaluation and the
+server all come through `Engine`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from foundry.errors import UserError
+from foundry.infer.detokenize import TextStream
+from foundry.infer.sampling import SamplingParams, make_generator, sample_next
+from foundry.model import KVCache, Transformer
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    """One finished request. token_ids include a final stop token (eos, stop id); text never does."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop id or stop string) or "length" (token budget or context full)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Delta:
+    """A piece of streamed output: new text of request `index`; `completion` is set on its last piece."""
+
+    index: int
+    text: str
+    completion: Completion | None = None
+
+
+class Request:
+    """One prompt on its way through the engine: its settings, its generator and what it produced so far."""
+
+    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
+                 tokenizer: Any, device: torch.device):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stop_ids = stop_ids | set(params.stop_token_ids)
+        self.generator = make_generator(params, device)
+        self.text = TextStream(tokenizer, prompt_ids, params.stop) if tokenizer is not None else None
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the text it made safe to show, and decide whether we are done."""
+        self.output.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.text.finish() if self.text else ""
+        delta = self.text.add(token) if self.text else ""
+        if self.text and self.text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            delta += self.text.finish() if self.text else ""
+        return delta
+
+    def completion(self) -> Completion:
+        """The finished result."""
+        return Completion(self.text.text if self.text else "", list(self.output), self.finish_reason or "length",
+                          len(self.prompt_ids), len(self.output))
+
+
+class Engine:
+    """Generates text from a Transformer: left-padded batches, one preallocated KV cache, one token a step."""
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, device: str | torch.device = "cpu",
+                 generation_config: dict[str, Any] | None = None, max_batch_size: int = 64):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config or {})
+        self.max_batch_size = max_batch_size
+        # eos from the tokenizer (plus end-of-turn markers), generation_config.json and config.json.
+        self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
+        self.stop_ids |= _id_set(self.generation_config.get("eos_token_id")) | _id_set(self.config.eos_token_id)
+        self.pad_id = self.generation_config.get("pad_token_id") or getattr(tokenizer, "pad_id", None) or 0
+
+    @classmethod
+    def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             **kwargs: Any) -> "Engine":
+        """An engine for a model directory, or a run directory's newest checkpoint."""
+        from foundry import hub  # hub reads files; the engine itself only needs a model
+
+        loaded = hub.load(spec, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, device, loaded.generation_config, **kwargs)
+
+    # ---- public ------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Complete every prompt (text or token ids); results in prompt order."""
+        results: list[Completion | None] = [None] * len(prompts)
+        for delta in self.stream(prompts, params):
+            if delta.completion is not None:
+                results[delta.index] = delta.completion
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[Delta]:
+        """Complete every prompt, yielding text deltas as they become safe to show (index = prompt position)."""
+        requests = self._requests(prompts, params)
+        # Similar lengths share a batch, so little compute goes to padding.
+        requests.sort(key=lambda r: len(r.prompt_ids))
+        for start in range(0, len(requests), self.max_batch_size):
+            yield from self._run(requests[start:start + self.max_batch_size])
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt given as text (tokenizer's special tokens added) or as ids (checked)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("this model has no tokenizer: give prompts as token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if not ids:
+            raise UserError("prompt is empty: give at least one token of text")
+        return ids
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _requests(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+                  ) -> list[Request]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
+        context = self.config.max_position_embeddings
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            ids = self.encode(prompt)
+            p = p.resolve(self.generation_config)
+            if len(ids) >= context:
+                raise UserError(f"prompt {i} has {len(ids)} tokens; the model's context holds {context}, "
+                                f"so at most {context - 1} leave room for an answer")
+            if p.max_new_tokens > context - len(ids):
+                p = dataclasses.replace(p, max_new_tokens=context - len(ids))  # stop when the context is full
+            if p.stop and self.tokenizer is None:
+                raise UserError("stop strings need a tokenizer; this model has none")
+            requests.append(Request(i, ids, p, self.stop_ids, self.tokenizer, self.device))
+        return requests
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                pad_mask: torch.Tensor | None) -> torch.Tensor:
+        # Only the last position's logits are needed: skip the output head for the rest of the prompt.
+        hidden = self.model.hidden_states(ids, positions, cache, pad_mask)
+        return self.model.logits(hidden[:, -1]).float()
+
+    @torch.inference_mode()
+    def _run(self, requests: list[Request]) -> Iterator[Delta]:
+        """Prefill a batch once, then decode one token a step for the rows still running."""
+        batch, dev = len(requests), self.device
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        pad_mask = torch.zeros(batch, width, dtype=torch.bool)
+        for row, r in enumerate(requests):  # left padding: every row's last prompt token is in the last slot
+            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            pad_mask[row, width - len(r.prompt_ids):] = True
+        ids, pad_mask = ids.to(dev), pad_mask.to(dev)
+        positions = (pad_mask.cumsum(1) - 1).clamp(min=0)
+        # The last sampled token is never fed back, hence the -1.
+        slots = width + max(r.params.max_new_tokens for r in requests) - 1
+        cache = KVCache(self.config, batch, slots, dev, self.model.lm_head.weight.dtype)
+        seen = _seen_tokens(requests, ids, pad_mask, self.config.vocab_size)
+
+        logits = self._logits(ids, positions, cache, pad_mask)
+        next_pos = pad_mask.sum(1)
+        rows = list(requests)  # rows[j] is the request in cache row j
+        while True:
+            tokens = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen)
+            if seen is not None:
+                seen[torch.arange(len(rows), device=dev), tokens] = True
+            keep = []
+            for j, (r, token) in enumerate(zip(rows, tokens.tolist())):
+                text = r.add(token)
+                if r.finish_reason is not None:
+                    yield Delta(r.index, text, r.completion())
+                else:
+                    keep.append(j)
+                    if text:
+                        yield Delta(r.index, text)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                # Finished rows leave the batch so that they cost no more compute.
+                kept = torch.tensor(keep, device=dev)
+                cache.reorder(kept)
+                tokens, next_pos = tokens[kept], next_pos[kept]
+                seen = seen[kept] if seen is not None else None
+                rows = [rows[j] for j in keep]
+            logits = self._logits(tokens[:, None], next_pos[:, None], cache, None)
+            next_pos = next_pos + 1
+
+
+def _seen_tokens(requests: list[Request], ids: torch.Tensor, pad_mask: torch.Tensor,
+                 vocab: int) -> torch.Tensor | None:
+    """[B, V] marks of the tokens in each prompt, kept only when some request uses a repetition penalty."""
+    if all(r.params.repetition_penalty == 1 for r in requests):
+        return None
+    seen = torch.zeros(len(requests), vocab, dtype=torch.bool, device=ids.device)
+    rows = torch.arange(len(requests), device=ids.device)[:, None].expand_as(ids)
+    seen[rows[pad_mask], ids[pad_mask]] = True
+    return seen
+
+
+def _id_set(value: int | Iterable[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)

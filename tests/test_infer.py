@@ -1,0 +1,233 @@
+"""The inference engine: agreement with a naive reference loop and with transformers, batching, sampling, stops."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import foundry
+from foundry import hub
+from foundry.config import ModelConfig
+from foundry.errors import UserError
+from foundry.infer.chat import PLAIN_STOP, ChatSession, plain_chat, render_chat
+from foundry.infer.engine import Engine
+from foundry.infer.sampling import SamplingParams
+from foundry.model import Transformer
+from foundry.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
+PROMPTS = ["def load(path):", "The model directory is the unit of exchange", "x", "héllo wörld 日本語 ✓"]
+
+
+def build_model_dir(path: Path, context: int = 96, chat_template: bool = True) -> Path:
+    """A tiny random Llama with a freshly trained byte-level tokenizer, saved as a model directory."""
+    package = Path(foundry.__file__).parent
+    text = (package / "config.py").read_text() + (package / "hub.py").read_text()
+    text += "Grüße, naïve café — 日本語のテキスト ✓ émoji 🎉\n" * 20
+    tok = Tokenizer.train([text], vocab_size=400)
+    if not chat_template:
+        tok.chat_template = None
+    # initializer_range 0.1 spreads the logits, so greedy choices are not decided by rounding noise.
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=context,
+                         initializer_range=0.1, eos_token_id=tok.eos_id)
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    return hub.save(path, model, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("infer") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> Engine:
+    return Engine.load(model_dir)
+
+
+def naive_greedy(engine: Engine, prompt: str, max_new_tokens: int) -> list[int]:
+    """Reference: the full forward over the whole sequence each step, no cache, no padding."""
+    ids = engine.encode(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(engine.model(torch.tensor([ids + out]))[0, -1].argmax())
+            out.append(token)
+            if token in engine.stop_ids:
+                break
+    return out
+
+
+def test_greedy_equals_a_naive_loop_without_cache(engine):
+    for prompt in PROMPTS:
+        assert engine.generate([prompt], GREEDY)[0].token_ids == naive_greedy(engine, prompt, 24)
+
+
+@pytest.mark.parametrize("params", [
+    GREEDY,
+    [SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=s, max_new_tokens=20 + 3 * s) for s in range(4)],
+    [SamplingParams(temperature=0.8, seed=7, max_new_tokens=16, repetition_penalty=1.3)] * 4,
+], ids=["greedy", "sampled", "repetition-penalty"])
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(engine, params):
+    per_prompt = params if isinstance(params, list) else [params] * len(PROMPTS)
+    batched = engine.generate(PROMPTS, params)
+    for prompt, p, together in zip(PROMPTS, per_prompt, batched):
+        alone = engine.generate([prompt], p)[0]
+        assert together == alone
+
+
+def test_results_come_back_in_prompt_order(engine):
+    prompts = ["a longer prompt than the others", "b", "medium one"]
+    assert [c.prompt_tokens for c in engine.generate(prompts, GREEDY)] == [len(engine.encode(p)) for p in prompts]
+
+
+def test_seed_reproduces_and_other_seeds_differ(engine):
+    def run(seed):
+        return engine.generate(["def load"], SamplingParams(temperature=1.0, seed=seed, max_new_tokens=32))[0]
+    assert run(1) == run(1)
+    assert run(1).token_ids != run(2).token_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    greedy = engine.generate(PROMPTS, GREEDY)
+    top_k = engine.generate(PROMPTS, SamplingParams(temperature=1.0, top_k=1, seed=3, max_new_tokens=24))
+    top_p = engine.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=1e-6, seed=3, max_new_tokens=24))
+    assert [c.token_ids for c in top_k] == [c.token_ids for c in greedy]
+    assert [c.token_ids for c in top_p] == [c.token_ids for c in greedy]
+
+
+def _ascii_window(text: str, size: int = 3) -> str:
+    for i in range(4, len(text) - size):
+        window = text[i:i + size]
+        if window.isascii() and window.isprintable():
+            return window
+    pytest.skip("the random model wrote no ascii run to use as a stop string")
+
+
+def test_stop_string_truncates_text_before_it(engine):
+    full = engine.generate(["def load(path):"], SamplingParams(temperature=0.0, max_new_tokens=40))[0]
+    stop = _ascii_window(full.text)
+    cut = engine.generate(["def load(path):"], SamplingParams(temperature=0.0, max_new_tokens=40, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    assert len(cut.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_ids_and_eos_end_with_reason_stop(model_dir, engine):
+    full = engine.generate(["The model"], GREEDY)[0]
+    target = full.token_ids[5]
+    first = full.token_ids.index(target)
+    by_param = engine.generate(["The model"], SamplingParams(temperature=0.0, max_new_tokens=24,
+                                                             stop_token_ids=[target]))[0]
+    assert by_param.finish_reason == "stop"
+    assert by_param.token_ids == full.token_ids[:first + 1]  # the stop token is kept in the ids ...
+    assert by_param.text == engine.tokenizer.decode(full.token_ids[:first])  # ... but never in the text
+    loaded = hub.load(model_dir)
+    eos_engine = Engine(loaded.model, loaded.tokenizer, generation_config={"eos_token_id": [target]})
+    assert eos_engine.generate(["The model"], GREEDY)[0] == by_param
+    assert {engine.tokenizer.eos_id, *engine.tokenizer.stop_ids} <= engine.stop_ids
+
+
+def test_max_new_tokens_ends_with_reason_length(engine):
+    c = engine.generate(["def load(path):"], SamplingParams(temperature=0.0, max_new_tokens=7))[0]
+    if c.finish_reason == "length":
+        assert c.completion_tokens == len(c.token_ids) == 7
+    else:  # the random model chose eos first
+        assert c.token_ids[-1] in engine.stop_ids
+
+
+def test_streaming_deltas_add_up_to_the_completion(engine):
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=30) for s in range(len(PROMPTS))]
+    parts = {i: [] for i in range(len(PROMPTS))}
+    finals = {}
+    for delta in engine.stream(PROMPTS, params):
+        assert not delta.text.endswith("\ufffd") or delta.completion is not None
+        parts[delta.index].append(delta.text)
+        if delta.completion is not None:
+            finals[delta.index] = delta.completion
+    assert finals.keys() == parts.keys()
+    for i, completion in finals.items():
+        assert "".join(parts[i]) == completion.text
+        assert completion == engine.generate([PROMPTS[i]], params[i])[0]
+
+
+def test_text_equals_decoding_the_generated_ids(engine):
+    for c in engine.generate(PROMPTS, SamplingParams(temperature=1.0, seed=5, max_new_tokens=30)):
+        ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        assert c.text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_token_id_prompts_and_limits_of_the_context(engine):
+    ids = engine.encode("def load(path):")
+    assert engine.generate([ids], GREEDY)[0] == engine.generate(["def load(path):"], GREEDY)[0]
+    context = engine.config.max_position_embeddings
+    with pytest.raises(UserError, match="context"):
+        engine.generate([[5] * context], GREEDY)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.generate([[engine.config.vocab_size]], GREEDY)
+    with pytest.raises(UserError, match="empty"):
+        engine.generate([""], GREEDY)
+    near_full = engine.generate([[5] * (context - 3)], SamplingParams(temperature=0.0, max_new_tokens=50,
+                                                                       stop_token_ids=[]))[0]
+    assert near_full.completion_tokens <= 3
+    assert engine.generate([], GREEDY) == []
+
+
+def test_defaults_come_from_generation_config(model_dir):
+    loaded = hub.load(model_dir)
+    greedy_model = Engine(loaded.model, loaded.tokenizer, generation_config={"do_sample": False, "max_new_tokens": 9})
+    c = greedy_model.generate(["def load"])[0]
+    assert c == greedy_model.generate(["def load"], SamplingParams(temperature=0.0, max_new_tokens=9))[0]
+    resolved = SamplingParams(top_k=5).resolve({"temperature": 0.6, "top_p": 0.9, "top_k": 40})
+    assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (0.6, 0.9, 5, 1.0)
+
+
+def test_engine_loads_the_newest_checkpoint_of_a_run_directory(model_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "step-10").mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (run / "step-10" / f.name).write_bytes(f.read_bytes())
+    (run / "latest").write_text("step-10\n")
+    assert Engine.load(run).generate(["x"], GREEDY) == Engine.load(model_dir).generate(["x"], GREEDY)
+
+
+def test_transformers_greedy_generate_gives_the_same_tokens(model_dir, engine):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stop = sorted(engine.stop_ids)
+    for prompt in ["def load(path):", "héllo wörld"]:
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     do_sample=False, max_new_tokens=32, eos_token_id=stop, pad_token_id=stop[0])
+        ours = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=32))[0]
+        assert ours.token_ids == out[0, len(ids):].tolist()
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+def test_chat_uses_the_template_and_keeps_history(engine):
+    session = ChatSession(engine, system="be brief", params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    reply = "".join(session.send("hello"))
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    assert session.messages[-1]["content"] == reply
+    prompt, stops = render_chat(engine.tokenizer, session.messages)
+    assert prompt.endswith("<|im_start|>assistant\n") and stops == []
+    "".join(session.send("again"))
+    assert len(session.messages) == 5
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "be brief"}]
+
+
+def test_chat_falls_back_to_a_plain_format_without_template(tmp_path):
+    engine = Engine.load(build_model_dir(tmp_path / "m", chat_template=False))
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"}]
+    assert plain_chat(messages) == "S\n\nUser: hi\nAssistant: yo\nUser: and?\nAssistant:"
+    assert render_chat(engine.tokenizer, messages)[1] == [PLAIN_STOP]
+    session = ChatSession(engine, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert not session.templated
+    reply = "".join(session.send("hello"))
+    assert session.messages[-1] == {"role": "assistant", "content": reply}
