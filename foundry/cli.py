@@ -190,13 +190,64 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_sampling_flags(p)
 
 
+# ---- tokenizer --------------------------------------------------------------------------
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from foundry.data.corpus import train_tokenizer
+
+    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.out, glob=args.glob, field=args.field,
+                                overwrite=args.overwrite)
+    print(f"trained a {tokenizer.vocab_size:,}-token byte-level BPE -> {args.out}")
+
+
+def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", required=True, metavar="stdlib|PATH",
+                   help="`stdlib` (the embedded Python standard library), text files, directories or .jsonl files")
+    p.add_argument("--glob", default="**/*", help="files to read inside directories (default **/*)")
+    p.add_argument("--field", default="text", help="text field of .jsonl records (default text)")
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="Train tokenizers.", description="Train tokenizers.")
+    verbs = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    t = _add(verbs, "train", _cmd_tokenizer_train,
+             "Train a byte-level BPE tokenizer (with ChatML special tokens and chat template) on every document "
+             "of the corpus, train and validation alike.")
+    _add_corpus_flags(t)
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+
+
+# ---- prepare ----------------------------------------------------------------------------
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from foundry.data.shards import prepare, summary
+
+    meta = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction, glob=args.glob,
+                   field=args.field, overwrite=args.overwrite)
+    print(summary(meta, args.out))
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "prepare", _cmd_prepare, "Tokenize a corpus into train/validation token shards.")
+    _add_corpus_flags(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `foundry tokenizer train`)")
+    p.add_argument("--out", required=True, help="DATA_DIR to create")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation, chosen by a hash of their names "
+                        "(default 0.05; at least one document)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DATA_DIR (only once the new one is complete)")
+
+
 # ---- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_plan, _add_export, _add_generate, _add_chat):
+    for add in (_add_info, _add_plan, _add_export, _add_generate, _add_chat, _add_tokenizer, _add_prepare):
         add(sub)
     return parser
 
