@@ -27,7 +27,7 @@ VERSION = 1
 SPLITS = ("train", "val")
 # Characters of text handed to one encode_batch call: large enough to keep the Rust threads busy,
 # small enough that a corpus of any size streams through in bounded memory.
-_BATCH_CHARS = 4 << 20
+_BATCH_CHARS = 2 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
