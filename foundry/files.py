@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give the result the permissions a plain write would."""
+    os.chmod(path, mode & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -31,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        _publish_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -66,6 +78,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
+        _publish_mode(tmp, 0o777)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
