@@ -288,7 +288,8 @@ def preset(name: str) -> ModelConfig:
 
 
 def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
-    """(config, model directory or None) for a preset, a config file, a model directory or a run directory."""
+    """(config, model directory or None) for a preset, a config file, a model directory, a run directory or a
+    Hub id."""
     if isinstance(spec, str) and spec in PRESETS:
         return preset(spec), None
     path = Path(spec)
@@ -298,8 +299,17 @@ def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
         path = path / (path / "latest").read_text().strip()  # a run directory: its newest checkpoint
     if (path / "config.json").is_file():
         return ModelConfig.from_file(path / "config.json"), path
+    from foundry.hf_hub import fetch, is_hub_id
+
+    hub = ""
+    if not path.exists() and is_hub_id(spec):  # only config.json is fetched; hub.load completes the snapshot
+        try:
+            path = fetch(str(spec), ["config.json"])
+            return ModelConfig.from_file(path / "config.json"), path
+        except UserError as exc:
+            hub = f" ({exc})"
     raise UserError(f"model {str(spec)!r} is not a preset ({', '.join(PRESETS)}), a config file, "
-                    f"a model directory or a run directory")
+                    f"a model directory, a run directory or a Hugging Face Hub id{hub}")
 
 
 def human_count(n: float) -> str:

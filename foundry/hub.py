@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +13,12 @@ import torch
 from foundry.config import ModelConfig
 from foundry.errors import UserError
 from foundry.files import atomic_dir, write_json
+from foundry.hf_hub import MODEL_FILES, complete_snapshot, fetch, is_hub_id
 from foundry.model import Transformer
-from foundry.weights import DEFAULT_SHARD_SIZE, layout_of, parse_size, read_tensors, weight_files, write_tensors
+from foundry.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors, weight_files,
+                             write_tensors)
 
 LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
-# Files of a Hub repository that running a model needs (weights are added by kind).
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 # Files written beside the weights that describe the tokenizer; `export` copies them as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja")
@@ -46,18 +45,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt if (ckpt / "config.json").is_file() else None
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
-
-
 def resolve_model_dir(spec: str | Path, revision: str | None = None, token: str | bool | None = None,
                       cache_dir: str | Path | None = None, trust_pickle: bool = False) -> Path:
     """A model directory from a path to one, to a run directory (its newest checkpoint), or a Hub id.
 
     Hub ids ("org/name", "org/name@revision") go through huggingface_hub: its cache, HF_TOKEN and
     HF_HUB_OFFLINE apply as they do for transformers."""
+    patterns = MODEL_FILES + (["*.bin"] if trust_pickle else [])
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
-        return path
+        if has_weights(path):
+            return path
+        return complete_snapshot(path, patterns) or path  # a Hub snapshot holding only config.json so far
     if path.is_dir():
         ckpt = latest_checkpoint(path)
         if ckpt is not None:
@@ -66,30 +65,9 @@ def resolve_model_dir(spec: str | Path, revision: str | None = None, token: str 
                         f"with a complete checkpoint")
     if path.exists():
         raise UserError(f"{path} is a file; give a model directory (with config.json) or a Hub id")
-    if isinstance(spec, str) and _HUB_ID.match(spec) and not spec.startswith("."):
-        return _from_hub(spec, revision, token, cache_dir, trust_pickle)
+    if is_hub_id(spec):
+        return fetch(str(spec), patterns, revision, token, cache_dir)
     raise UserError(f"model {str(spec)!r} not found: give a model directory, a run directory or a Hub id")
-
-
-def _from_hub(spec: str, revision: str | None, token: str | bool | None, cache_dir: str | Path | None,
-              trust_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    repo_id, _, at = spec.partition("@")
-    patterns = HUB_FILES + (["*.bin"] if trust_pickle else [])
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision or at or None, token=token, cache_dir=cache_dir,
-                                      allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise UserError(f"model {spec!r} is neither a local directory nor in the Hugging Face cache, and it cannot "
-                        f"be downloaded (offline, or no network); download it once while online") from None
-    except (HfHubHTTPError, HFValidationError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot fetch model {spec!r} from the Hugging Face Hub: {first}") from None
-    if not (path / "config.json").is_file():
-        raise UserError(f"Hub repository {repo_id!r} has no config.json: it is not a transformers model")
-    return path
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -140,6 +140,11 @@ def layout_of(config: ModelConfig) -> Layout:
 
 # ---- reading -----------------------------------------------------------------------------------
 
+def has_weights(model_dir: Path) -> bool:
+    """Whether a directory holds weight files of any kind foundry reads."""
+    return any((model_dir / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX, *PICKLES))
+
+
 def weight_files(model_dir: Path, trust_pickle: bool = False) -> tuple[str, list[Path]]:
     """("safetensors" or "pickle", the weight files of a model directory in reading order)."""
     if (model_dir / SAFETENSORS).is_file():

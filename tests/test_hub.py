@@ -65,20 +65,20 @@ def _hub_cache(model_dir: Path, cache: Path) -> None:
     (repo / "refs" / "main").write_text(REVISION)
 
 
-def test_foundry_load_reads_a_hub_id_from_the_cache_offline_without_importing_torch_first(model_dir, tmp_path):
+def test_hub_ids_resolve_from_the_cache_offline_and_configs_without_torch(model_dir, tmp_path):
     _hub_cache(model_dir, tmp_path / "cache")
     script = (
         "import sys, foundry\n"
-        "from foundry.config import ModelConfig\n"
-        "ModelConfig.from_file(sys.argv[1])  # config.json reading is torch-free (the planner uses it)\n"
-        "assert 'torch' not in sys.modules\n"
-        "for spec in ('acme/tiny-llama', 'acme/tiny-llama@" + REVISION + "'):\n"
+        "from foundry.config import resolve_model_source\n"
+        "config, snapshot = resolve_model_source('acme/tiny-llama')  # info and plan: config.json only\n"
+        "assert 'torch' not in sys.modules and config.head_dim == 20\n"
+        "for spec in ('acme/tiny-llama', 'acme/tiny-llama@" + REVISION + "', snapshot):\n"
         "    loaded = foundry.load(spec)\n"
         "    print(loaded.config.architecture, loaded.generation_config['eos_token_id'], loaded.path.name)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", script, str(model_dir / "config.json")], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"LlamaForCausalLM [2, 7] {REVISION}"] * 2
+    assert result.stdout.splitlines() == [f"LlamaForCausalLM [2, 7] {REVISION}"] * 3
 
 
 def test_hub_id_outside_the_cache_offline_is_one_clear_line(tmp_path):
