@@ -108,7 +108,7 @@ def load_weights(model: Transformer, model_dir: Path, device: str | torch.device
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # some files store the tied head too
         try:
-            parts = layout.to_foundry(hf_name, tensor, config, expected)
+            parts = layout.to_foundry(hf_name, tensor, expected)
         except UserError as exc:
             raise UserError(f"{model_dir}: {exc}") from None
         if parts is None:

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,24 +31,16 @@ _ALWAYS_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some old Llam
 # ---- names -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Fused:
-    """Foundry modules stacked along the output dimension in one Hugging Face tensor (Phi-3's qkv_proj)."""
-
-    parts: tuple[str, ...]
-    sizes: Callable[[ModelConfig], tuple[int, ...]]
-
-
-@dataclass(frozen=True)
 class Layout:
     """How a family's Hugging Face tensor names map onto foundry's (module paths; "{i}" is a layer index)."""
 
     renames: dict[str, str] = field(default_factory=dict)  # HF module -> foundry module
-    fused: dict[str, Fused] = field(default_factory=dict)  # HF module -> the foundry modules stacked in it
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # HF module -> foundry modules, stacked by rows
     conv1d: frozenset[str] = frozenset()  # HF modules whose weight is stored [in, out] (GPT-2's Conv1D)
     optional_prefix: str = ""  # a root prefix some files omit (GPT-2's "transformer.")
     ignored: re.Pattern | None = None  # HF tensors that are buffers, not weights
 
-    def to_foundry(self, hf_name: str, tensor: torch.Tensor, config: ModelConfig,
+    def to_foundry(self, hf_name: str, tensor: torch.Tensor,
                    expected: dict[str, torch.Size]) -> list[tuple[str, torch.Tensor]] | None:
         """The foundry tensors in one checkpoint tensor (None: not a weight of this model).
 
@@ -61,18 +53,18 @@ class Layout:
             module = self.optional_prefix + module
         transposed = module in self.conv1d and tensor.dim() == 2
         if module in self.fused:
-            names = [_fill(part, index) + param for part in self.fused[module].parts]
+            names = [_fill(part, index) + param for part in self.fused[module]]
         else:
             names = [_fill(self.renames.get(module, module), index) + param]
         if any(n not in expected for n in names):
             return None
         want = [expected[n] for n in names]
-        fused_shape = torch.Size([sum(s[0] for s in want), *want[0][1:]])
+        stored_shape = torch.Size([sum(s[0] for s in want), *want[0][1:]])
         if transposed:
-            fused_shape = torch.Size(reversed(fused_shape))
-        if tensor.shape != fused_shape:
+            stored_shape = torch.Size(reversed(stored_shape))
+        if tensor.shape != stored_shape:
             raise UserError(f"tensor {hf_name} has shape {tuple(tensor.shape)} in the checkpoint, but config.json "
-                            f"implies {tuple(fused_shape)}")
+                            f"implies {tuple(stored_shape)}")
         if transposed:
             tensor = tensor.t().contiguous()
         if len(names) == 1:
@@ -82,14 +74,14 @@ class Layout:
     def to_hf(self, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) for a foundry state dict: renamed, fused and transposed back."""
         back = {v: k for k, v in self.renames.items()}
-        part_of = {part: (hf, i) for hf, fused in self.fused.items() for i, part in enumerate(fused.parts)}
+        part_of = {part: (hf, i) for hf, parts in self.fused.items() for i, part in enumerate(parts)}
         for name, tensor in state.items():
             module, index, param = _parse(name)
             if module in part_of:
                 hf_module, position = part_of[module]
                 if position:
                     continue  # emitted with the first part
-                parts = [state[_fill(p, index) + param] for p in self.fused[hf_module].parts]
+                parts = [state[_fill(p, index) + param] for p in self.fused[hf_module]]
                 tensor = torch.cat(parts, dim=0)
             else:
                 hf_module = back.get(module, module)
@@ -113,20 +105,17 @@ def _fill(template: str, index: str | None) -> str:
 
 _LAYER = "model.layers.{i}."
 _GPT2 = "transformer.h.{i}."
+_QKV = tuple(_LAYER + f"self_attn.{p}_proj" for p in "qkv")
 LAYOUTS: dict[str, Layout] = {
-    "phi3": Layout(fused={
-        _LAYER + "self_attn.qkv_proj": Fused(tuple(_LAYER + f"self_attn.{p}_proj" for p in "qkv"),
-                                             lambda c: (c.q_size, c.kv_size, c.kv_size)),
-        _LAYER + "mlp.gate_up_proj": Fused((_LAYER + "mlp.gate_proj", _LAYER + "mlp.up_proj"),
-                                           lambda c: (c.intermediate_size,) * 2),
-    }),
+    "phi3": Layout(fused={_LAYER + "self_attn.qkv_proj": _QKV,
+                          _LAYER + "mlp.gate_up_proj": (_LAYER + "mlp.gate_proj", _LAYER + "mlp.up_proj")}),
     "gpt2": Layout(
         renames={"transformer.wte": "model.embed_tokens", "transformer.wpe": "model.embed_positions",
                  "transformer.ln_f": "model.norm", _GPT2 + "ln_1": _LAYER + "input_layernorm",
-                 _GPT2 + "ln_2": _LAYER + "post_attention_layernorm", _GPT2 + "attn.c_proj": _LAYER + "self_attn.o_proj",
+                 _GPT2 + "ln_2": _LAYER + "post_attention_layernorm",
+                 _GPT2 + "attn.c_proj": _LAYER + "self_attn.o_proj",
                  _GPT2 + "mlp.c_fc": _LAYER + "mlp.up_proj", _GPT2 + "mlp.c_proj": _LAYER + "mlp.down_proj"},
-        fused={_GPT2 + "attn.c_attn": Fused(tuple(_LAYER + f"self_attn.{p}_proj" for p in "qkv"),
-                                            lambda c: (c.q_size, c.kv_size, c.kv_size))},
+        fused={_GPT2 + "attn.c_attn": _QKV},
         conv1d=frozenset(_GPT2 + m for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
         optional_prefix="transformer.",
         ignored=re.compile(r"(^|\.)attn\.(masked_)?bias$")),  # GPT-2's causal-mask buffers
