@@ -112,10 +112,10 @@ def _write_phi3(config: "ModelConfig", out: dict[str, Any]) -> None:
 def _read_gemma(raw: dict[str, Any], kw: dict[str, Any], pattern: int) -> None:
     if raw.pop("use_bidirectional_attention", None):
         raise UserError("config.json: use_bidirectional_attention (non-causal Gemma) is not supported")
-    raw.pop("hidden_act", None)  # Gemma 1 spelling, superseded by hidden_activation
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
         kw[name] = raw.pop(name)
-    pattern = raw.pop("sliding_window_pattern", raw.pop("_sliding_window_pattern", pattern))
+    # Older files give the layer pattern as a period; kept as they are, since layer_types is what we write.
+    pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", pattern))
     n = raw.get("num_hidden_layers", 0)
     kw["layer_types"] = raw.pop("layer_types", None) or [
         "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
@@ -298,6 +298,8 @@ def _read_rope(raw: dict[str, Any], kwargs: dict[str, Any], family: Family) -> N
     kwargs["rope_scaling"] = None
     if scaling:
         scaling = dict(scaling)
+        for key in ("rope_theta", "partial_rotary_factor"):  # transformers 5 nests them; they have own fields
+            scaling.pop(key, None)
         kind = scaling.pop("type", None)
         kind = scaling.pop("rope_type", None) or kind or "default"
         kind = family.rope_aliases.get(kind, kind)
