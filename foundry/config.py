@@ -113,6 +113,9 @@ class ModelConfig:
                 raise UserError("model config: layer_types has sliding_attention layers but sliding_window is not set")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise UserError(f"model config: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        from foundry.families import check_expressible
+
+        check_expressible(self)  # the architecture must be able to say every switch in its config.json
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(
                 f"model config: num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")

@@ -265,7 +265,7 @@ def from_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
 def to_hf_dict(config: "ModelConfig") -> dict[str, Any]:
     """config.json contents for `config` in its family's spelling."""
     family = family_of(config.architecture)
-    _check_expressible(config, family)
+    check_expressible(config)
     out: dict[str, Any] = {"architectures": [config.architecture], "model_type": family.model_type}
     out.update(config.extra)
     for json_key, name in family.keys.items():
@@ -309,8 +309,9 @@ def _read_rope(raw: dict[str, Any], kwargs: dict[str, Any], family: Family) -> N
             kwargs["rope_scaling"] = {"rope_type": kind, **scaling}
 
 
-def _check_expressible(config: "ModelConfig", family: Family) -> None:
-    # A switch the family's config.json cannot spell would be silently dropped on save: refuse instead.
+def check_expressible(config: "ModelConfig") -> None:
+    """Refuse a switch the architecture's config.json cannot spell (saving would silently drop it)."""
+    family = family_of(config.architecture)
     spelled = set(family.keys.values()) | family.features
     for name, off in _SWITCHES.items():
         value = getattr(config, name)
@@ -320,8 +321,8 @@ def _check_expressible(config: "ModelConfig", family: Family) -> None:
             ok = name in spelled or value == off
         if not ok:
             supported = [f.architectures[0] for f in FAMILIES if _could_express(f, name, value)]
-            raise UserError(f"model config: {name}={value!r} cannot be written as {config.architecture}"
-                            + (f"; families that have it: {', '.join(supported)}" if supported else ""))
+            raise UserError(f"model config: {config.architecture} has no {name}={value!r}"
+                            + (f"; architectures that have it: {', '.join(supported)}" if supported else ""))
 
 
 def _could_express(family: Family, name: str, value: Any) -> bool:
@@ -330,4 +331,5 @@ def _could_express(family: Family, name: str, value: Any) -> bool:
     return name in family.features or name in family.keys.values()
 
 
-__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "family_of", "from_hf_dict", "to_hf_dict"]
+__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "check_expressible", "family_of", "from_hf_dict",
+           "to_hf_dict"]

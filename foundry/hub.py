@@ -173,11 +173,15 @@ def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None
         write_json(model_dir / "foundry.json", meta)
 
 
+def _check_new_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not an empty directory; choose another --out")
+
+
 def _new_dir(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} already exists and is not empty; choose another --out")
+    _check_new_dir(out_dir)
     if out_dir.exists():
-        out_dir.rmdir()
+        out_dir.rmdir()  # atomic_dir renames a complete directory into place
 
 
 def save(out_dir: str | Path, model: Transformer, tokenizer: Any = None,
@@ -196,9 +200,10 @@ def export(spec: str | Path, out_dir: str | Path, dtype: torch.dtype | None = No
     """Re-write a model (directory, checkpoint or Hub id) as a directory transformers loads: safetensors shards,
     config.json, generation_config.json and the tokenizer files as they were."""
     out_dir = Path(out_dir)
-    parse_size(shard_size)  # refuse a bad size before any loading
-    _new_dir(out_dir)
+    parse_size(shard_size)  # refuse bad arguments before any loading
+    _check_new_dir(out_dir)
     loaded = load(spec, dtype=dtype, with_tokenizer=False, trust_pickle=trust_pickle)
+    _new_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_model_files(tmp, loaded.model, None, loaded.generation_config, loaded.meta or None, dtype, shard_size)
         for name in TOKENIZER_FILES:

@@ -71,8 +71,9 @@ def test_kv_cache_decoding_equals_full_forward():
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("config", [AWKWARD, AWKWARD.replace(sliding_window=4, layer_types=[
-    "sliding_attention", "full_attention", "sliding_attention"])], ids=["full", "sliding-window-4"])
+@pytest.mark.parametrize("config", [AWKWARD, AWKWARD.replace(
+    architecture="Qwen3ForCausalLM", model_type="qwen3", qk_norm="head", sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"])], ids=["full", "sliding-window-4"])
 def test_left_padding_gives_each_row_its_unpadded_logits(config):
     model = _model(config)
     gen = torch.Generator().manual_seed(3)
