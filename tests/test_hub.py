@@ -204,17 +204,18 @@ def test_a_switch_the_architecture_cannot_spell_is_refused_up_front():
 
 # ---- export -------------------------------------------------------------------------------------
 
-def test_cli_export_writes_bf16_shards_that_transformers_loads_with_equal_logits(model_dir, tmp_path):
+@pytest.mark.parametrize("flag, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_cli_export_writes_shards_that_transformers_loads_with_equal_logits(model_dir, tmp_path, flag, dtype):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "export"
-    assert main(["export", str(model_dir), "--out", str(out), "--dtype", "bf16", "--shard-size", "100KB"]) == 0
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert main(["export", str(model_dir), "--out", str(out), "--dtype", flag, "--shard-size", "100KB"]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
     assert len(list(out.glob("model-*.safetensors"))) > 1
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "foundry.json"):
         assert (out / name).read_bytes() == (model_dir / name).read_bytes(), name
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert theirs.dtype == torch.bfloat16
-    source = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    assert theirs.dtype == dtype
+    source = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     ours = hub.load(out).model
     with torch.no_grad():
         assert torch.equal(theirs(_ids()).logits, source(_ids()).logits)
