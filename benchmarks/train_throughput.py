@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from foundry import hub
 from foundry.config import ModelConfig
 from foundry.model import Transformer
+from foundry.train.loss import CausalLMLoss
 from foundry.train.speed import configure_fp32_matmul
 
 CONFIG = ModelConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
@@ -45,16 +46,15 @@ def matmul_peak(dtype: torch.dtype, precision: str, n: int = 1536, reps: int = 1
 class Runner:
     """One engine's training state: model, optimizer, step function, and how to time it."""
 
-    def __init__(self, name: str, model: torch.nn.Module, logits_of, fast_fp32: bool, bf16: bool):
+    def __init__(self, name: str, model: torch.nn.Module, loss_of, fast_fp32: bool, bf16: bool):
         self.name, self.model, self.fast_fp32, self.bf16 = name, model, fast_fp32, bf16
-        self.logits_of = logits_of
+        self.loss_of = loss_of
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            logits = self.logits_of(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = self.loss_of(x, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -82,14 +82,17 @@ def build_runners(bf16: bool, quick: bool) -> list[Runner]:
               for _ in range(1 if quick else 2)]
         eager = hub.load(Path(tmp) / "m").model
     fast = configure_fp32_matmul("auto", torch.device("cpu"))
-    runners = [Runner("transformers", hf[0], lambda x: hf[0](x).logits, False, bf16)]
+    def hf_loss(model):
+        return lambda x, y: F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten())
+
+    runners = [Runner("transformers", hf[0], hf_loss(hf[0]), False, bf16)]
     if not quick:
-        runners.append(Runner("transformers +fp32 hint", hf[1], lambda x: hf[1](x).logits, True, bf16))
+        runners.append(Runner("transformers +fp32 hint", hf[1], hf_loss(hf[1]), True, bf16))
     for model in (ours, eager):
         model.train()
-    runners.append(Runner("foundry eager", eager, eager, fast, bf16))
-    compiled = torch.compile(ours)
-    runners.append(Runner("foundry --compile", ours, compiled, fast, bf16))
+    # Exactly what `foundry pretrain` runs: the CausalLMLoss module, compiled or not.
+    runners.append(Runner("foundry eager", eager, CausalLMLoss(eager), fast, bf16))
+    runners.append(Runner("foundry --compile", ours, torch.compile(CausalLMLoss(ours)), fast, bf16))
     return runners
 
 

@@ -31,6 +31,196 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset name, config YAML/JSON, model directory or run directory")
 
 
+# ---- pretrain ---------------------------------------------------------------------------
+
+_TRAIN_FLAGS = {  # flag -> (type, help); every one defaults to the TrainConfig field (or --config)
+    "steps": (int, "optimizer steps in the whole run; a resumed run continues up to it"),
+    "batch-size": (int, "sequences per micro-batch"),
+    "seq-len": (int, "tokens per sequence"),
+    "grad-accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "warmup": (int, "linear warm-up steps"),
+    "weight-decay": (float, "AdamW weight decay"),
+    "grad-clip": (float, "gradient-norm clipping threshold"),
+    "seed": (int, "seed for initialisation and data order"),
+    "eval-every": (int, "steps between validation evaluations (0: only at the end)"),
+    "eval-batches": (int, "validation batches per evaluation"),
+    "save-every": (int, "steps between checkpoints (0: only at the end)"),
+    "keep-checkpoints": (int, "complete checkpoints to keep (0: all)"),
+    "log-every": (int, "steps between metric lines"),
+    "time-budget": (float, "seconds: fit --steps to this budget after timing the first steps"),
+    "precision": (str, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"),
+    "fast-fp32": (str, "oneDNN fp32 matmuls on CPU: auto (only where exact), on, off"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "tokenizer": (str, "tokenizer directory (default: the one stored in DATA_DIR)"),
+}
+
+
+def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
+    """TrainConfig from --config YAML (if any) overridden by the flags given on the command line."""
+    from foundry.train.config import TrainConfig
+
+    settings = TrainConfig.from_yaml(args.config) if args.config else {}
+    for name in ("model", "data", "out", *(f.replace("-", "_") for f in _TRAIN_FLAGS),
+                 "compile", "activation_checkpointing", "resume", "overwrite"):
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    return TrainConfig(**settings)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from foundry.train.loop import train
+
+    result = train(train_config_from_args(args))
+    print(f"checkpoint: {result.checkpoint}")
+    if result.val is not None:
+        print(f"validation loss {result.val.loss:.4f}  perplexity {result.val.perplexity:.2f}  "
+              f"(unigram baseline {result.baseline.loss:.4f} / {result.baseline.perplexity:.1f})")
+    return 130 if result.interrupted else 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="preset, model config YAML, model directory or run directory")
+    p.add_argument("--data", help="DATA_DIR written by `foundry prepare`")
+    p.add_argument("--out", help="RUN_DIR for checkpoints, metrics and the loss plot")
+    p.add_argument("--config", help="RUN.yaml of training settings; flags override it")
+    for flag, (kind, text) in _TRAIN_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass to save memory")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "pretrain", _cmd_pretrain, "Pretrain a model on token shards.")
+    _add_train_flags(p)
+
+
+# ---- demo -------------------------------------------------------------------------------
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from foundry.demo import run_demo
+
+    run_demo(args.out, time_budget=args.time_budget, preset_name=args.model, overwrite=args.overwrite)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "demo", _cmd_demo, "Tokenizer, data, pretraining, evaluation and a sample, on the stdlib corpus.")
+    p.add_argument("--out", default="demo-out", help="directory for everything the demo writes")
+    p.add_argument("--time-budget", type=float, default=300.0, help="seconds of pretraining (default 300)")
+    p.add_argument("--model", default="mini", help="preset to pretrain (default mini)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+
+
+# ---- tokenizer --------------------------------------------------------------------------
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from foundry.data.corpus import train_tokenizer
+
+    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.out, glob=args.glob, field=args.field,
+                                overwrite=args.overwrite)
+    print(f"trained a {tokenizer.vocab_size:,}-token byte-level BPE -> {args.out}")
+
+
+def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", required=True, metavar="stdlib|PATH",
+                   help="`stdlib` (the embedded Python standard library), text files, directories or .jsonl files")
+    p.add_argument("--glob", default="**/*", help="files to read inside directories (default **/*)")
+    p.add_argument("--field", default="text", help="text field of .jsonl records (default text)")
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="Train tokenizers.", description="Train tokenizers.")
+    verbs = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    t = _add(verbs, "train", _cmd_tokenizer_train,
+             "Train a byte-level BPE tokenizer (with ChatML special tokens and chat template) on every document "
+             "of the corpus, train and validation alike.")
+    _add_corpus_flags(t)
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+
+
+# ---- prepare ----------------------------------------------------------------------------
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from foundry.data.shards import prepare, summary
+
+    meta = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction, glob=args.glob,
+                   field=args.field, overwrite=args.overwrite)
+    print(summary(meta, args.out))
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "prepare", _cmd_prepare, "Tokenize a corpus into train/validation token shards.")
+    _add_corpus_flags(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `foundry tokenizer train`)")
+    p.add_argument("--out", required=True, help="DATA_DIR to create")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation, chosen by a hash of their names "
+                        "(default 0.05; at least one document)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DATA_DIR (only once the new one is complete)")
+
+
+# ---- generate / chat --------------------------------------------------------------------
+
+def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
+    from foundry.infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=args.stop or [])
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    # Unset flags stay None so that the model's generation_config.json supplies the default.
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a one-off compile of tens of seconds")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="sample within probability mass P (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop before this text (repeatable)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from foundry.infer.commands import run_generate
+
+    prompts = args.prompt
+    if not prompts and not sys.stdin.isatty():
+        prompts = [sys.stdin.read()]
+    run_generate(args.model, prompts or [], _sampling_params(args), device=args.device, compile=args.compile)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "generate", _cmd_generate, "Complete prompts with a model (one prompt streams as it goes).")
+    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text to complete (repeatable; default: read stdin)")
+    _add_sampling_flags(p)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from foundry.infer.commands import run_chat
+
+    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device, compile=args.compile)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "chat", _cmd_chat, "Talk with a model: one message per line on stdin, replies stream back.")
+    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    _add_sampling_flags(p)
+
+
 # ---- plan -------------------------------------------------------------------------------
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -109,145 +299,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="allow a pytorch_model.bin checkpoint (read with torch.load(weights_only=True))")
 
 
-# ---- export -----------------------------------------------------------------------------
-
-_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-           "fp16": "float16", "float16": "float16"}
-
-
-def _cmd_export(args: argparse.Namespace) -> None:
-    import torch
-
-    from foundry.hub import export
-
-    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-    out = export(args.model, args.out, dtype=dtype, shard_size=args.shard_size, trust_pickle=args.trust_pickle)
-    print(f"wrote {out} (loads with transformers' AutoModelForCausalLM.from_pretrained)")
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = _add(sub, "export", _cmd_export,
-             "Write a model as a Hugging Face directory: safetensors shards, config.json, generation_config.json "
-             "and tokenizer files, loadable by transformers as it is.")
-    p.add_argument("model", help="model directory, run directory or Hugging Face Hub id (org/name[@revision])")
-    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype to write (default: the model's own)")
-    p.add_argument("--shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pytorch_model.bin checkpoint (read with torch.load(weights_only=True))")
-
-
-# ---- generate / chat --------------------------------------------------------------------
-
-def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
-    from foundry.infer.sampling import SamplingParams
-
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=args.stop or [])
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    # Unset flags stay None so that the model's generation_config.json supplies the default.
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
-    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=None, help="sample within probability mass P (1: off)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="stop before this text (repeatable)")
-
-
-def _cmd_generate(args: argparse.Namespace) -> None:
-    from foundry.infer.commands import run_generate
-
-    prompts = args.prompt
-    if not prompts and not sys.stdin.isatty():
-        prompts = [sys.stdin.read()]
-    run_generate(args.model, prompts or [], _sampling_params(args), device=args.device)
-
-
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = _add(sub, "generate", _cmd_generate, "Complete prompts with a model (one prompt streams as it goes).")
-    p.add_argument("model", help="model directory or run directory")
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="text to complete (repeatable; default: read stdin)")
-    _add_sampling_flags(p)
-
-
-def _cmd_chat(args: argparse.Namespace) -> None:
-    from foundry.infer.commands import run_chat
-
-    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device)
-
-
-def _add_chat(sub: argparse._SubParsersAction) -> None:
-    p = _add(sub, "chat", _cmd_chat, "Talk with a model: one message per line on stdin, replies stream back.")
-    p.add_argument("model", help="model directory or run directory")
-    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
-    _add_sampling_flags(p)
-
-
-# ---- tokenizer --------------------------------------------------------------------------
-
-def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from foundry.data.corpus import train_tokenizer
-
-    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.out, glob=args.glob, field=args.field,
-                                overwrite=args.overwrite)
-    print(f"trained a {tokenizer.vocab_size:,}-token byte-level BPE -> {args.out}")
-
-
-def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", nargs="+", required=True, metavar="stdlib|PATH",
-                   help="`stdlib` (the embedded Python standard library), text files, directories or .jsonl files")
-    p.add_argument("--glob", default="**/*", help="files to read inside directories (default **/*)")
-    p.add_argument("--field", default="text", help="text field of .jsonl records (default text)")
-
-
-def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="Train tokenizers.", description="Train tokenizers.")
-    verbs = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    t = _add(verbs, "train", _cmd_tokenizer_train,
-             "Train a byte-level BPE tokenizer (with ChatML special tokens and chat template) on every document "
-             "of the corpus, train and validation alike.")
-    _add_corpus_flags(t)
-    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
-    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
-
-
-# ---- prepare ----------------------------------------------------------------------------
-
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    from foundry.data.shards import prepare, summary
-
-    meta = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction, glob=args.glob,
-                   field=args.field, overwrite=args.overwrite)
-    print(summary(meta, args.out))
-
-
-def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = _add(sub, "prepare", _cmd_prepare, "Tokenize a corpus into train/validation token shards.")
-    _add_corpus_flags(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `foundry tokenizer train`)")
-    p.add_argument("--out", required=True, help="DATA_DIR to create")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of documents held out for validation, chosen by a hash of their names "
-                        "(default 0.05; at least one document)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing DATA_DIR (only once the new one is complete)")
-
-
 # ---- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_plan, _add_export, _add_generate, _add_chat, _add_tokenizer, _add_prepare):
+    for add in (_add_info, _add_pretrain, _add_demo, _add_tokenizer, _add_prepare, _add_generate, _add_chat,
+                _add_plan, _add_export):
         add(sub)
     return parser
 
