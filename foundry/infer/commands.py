@@ -14,20 +14,20 @@ from foundry.infer.sampling import SamplingParams
 CHAT_HELP = "type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
-def _engine(model: str, device: str) -> Engine:
-    engine = Engine.load(model, device=device)
+def _engine(model: str, device: str, compile: bool) -> Engine:
+    engine = Engine.load(model, device=device, compile=compile)
     if engine.tokenizer is None:
         raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
     return engine
 
 
 def run_generate(model: str, prompts: list[str], params: SamplingParams, device: str = "cpu",
-                 out: TextIO | None = None, err: TextIO | None = None) -> None:
+                 compile: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Complete each prompt: one prompt streams to `out`, several print one after another."""
     out, err = out or sys.stdout, err or sys.stderr  # looked up now, so redirections made later apply
     if not prompts:
         raise UserError("give at least one --prompt (or pipe the prompt on stdin)")
-    engine = _engine(model, device)
+    engine = _engine(model, device, compile)
     start = time.perf_counter()
     if len(prompts) == 1:
         completions = []
@@ -50,10 +50,10 @@ def run_generate(model: str, prompts: list[str], params: SamplingParams, device:
 
 
 def run_chat(model: str, params: SamplingParams, system: str | None = None, device: str = "cpu",
-             stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
+             compile: bool = False, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
     """An interactive conversation over stdin/stdout, streaming each reply; works with piped input too."""
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    session = ChatSession(_engine(model, device), system, params)
+    session = ChatSession(_engine(model, device, compile), system, params)
     interactive = stdin.isatty()
     if not session.templated:
         err.write(f"note: {PLAIN_FORMAT_NOTE}\n")

@@ -14,7 +14,9 @@ import torch
 
 from foundry.errors import UserError
 from foundry.infer.detokenize import TextStream
+from foundry.infer.prepack import can_prepack, prepack_linears
 from foundry.infer.sampling import SamplingParams, make_generator, sample_next
+from foundry.infer.static_cache import StaticKVCache
 from foundry.model import KVCache, Transformer
 
 Prompt = str | Sequence[int]
@@ -78,13 +80,24 @@ class Engine:
     """Generates text from a Transformer: left-padded batches, one preallocated KV cache, one token a step."""
 
     def __init__(self, model: Transformer, tokenizer: Any = None, device: str | torch.device = "cpu",
-                 generation_config: dict[str, Any] | None = None, max_batch_size: int = 64):
+                 generation_config: dict[str, Any] | None = None, max_batch_size: int = 64,
+                 compile: bool = False, prepack: bool = False):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # note: a training loop must call .train() again after
         self.config = model.config
+        self.dtype = next(model.parameters()).dtype  # of the KV cache
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.max_batch_size = max_batch_size
+        # compile: the decode step becomes one graph (dynamic in batch size and cache length) over a
+        # static cache. It costs tens of seconds once per process, so it is for long sessions.
+        self.static_cache = compile
+        # prepack: swap large fp32 linears for oneDNN-packed ones (CPU). It changes the model in place,
+        # so it is off for a model handed in (it may still be training) and on in Engine.load.
+        self.prepacked = prepack and not compile and can_prepack(self.model, self.device)
+        if self.prepacked:
+            prepack_linears(self.model)
+        self._decode = torch.compile(self._logits, dynamic=True) if compile else self._logits
         # eos from the tokenizer (plus end-of-turn markers), generation_config.json and config.json.
         self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
         self.stop_ids |= _id_set(self.generation_config.get("eos_token_id")) | _id_set(self.config.eos_token_id)
@@ -92,19 +105,19 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             **kwargs: Any) -> "Engine":
-        """An engine for a model directory, or a run directory's newest checkpoint."""
+             prepack: bool = True, **kwargs: Any) -> "Engine":
+        """An engine for a model directory, or a run directory's newest checkpoint (the engine owns its model)."""
         from foundry import hub  # hub reads files; the engine itself only needs a model
 
         loaded = hub.load(spec, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, device, loaded.generation_config, **kwargs)
+        return cls(loaded.model, loaded.tokenizer, device, loaded.generation_config, prepack=prepack, **kwargs)
 
     # ---- public ------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[Completion]:
         """Complete every prompt (text or token ids); results in prompt order."""
-        results: list[Completion | None] = [None] * len(prompts)
+        results: list[Completion | None] = [None] * len(_listed(prompts))
         for delta in self.stream(prompts, params):
             if delta.completion is not None:
                 results[delta.index] = delta.completion
@@ -138,8 +151,7 @@ class Engine:
 
     def _requests(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
                   ) -> list[Request]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = _listed(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -179,7 +191,7 @@ class Engine:
         positions = (pad_mask.cumsum(1) - 1).clamp(min=0)
         # The last sampled token is never fed back, hence the -1.
         slots = width + max(r.params.max_new_tokens for r in requests) - 1
-        cache = KVCache(self.config, batch, slots, dev, self.model.lm_head.weight.dtype)
+        cache = (StaticKVCache if self.static_cache else KVCache)(self.config, batch, slots, dev, self.dtype)
         seen = _seen_tokens(requests, ids, pad_mask, self.config.vocab_size)
 
         logits = self._logits(ids, positions, cache, pad_mask)
@@ -207,7 +219,7 @@ class Engine:
                 tokens, next_pos = tokens[kept], next_pos[kept]
                 seen = seen[kept] if seen is not None else None
                 rows = [rows[j] for j in keep]
-            logits = self._logits(tokens[:, None], next_pos[:, None], cache, None)
+            logits = self._decode(tokens[:, None], next_pos[:, None], cache, None)
             next_pos = next_pos + 1
 
 
@@ -220,6 +232,11 @@ def _seen_tokens(requests: list[Request], ids: torch.Tensor, pad_mask: torch.Ten
     rows = torch.arange(len(requests), device=ids.device)[:, None].expand_as(ids)
     seen[rows[pad_mask], ids[pad_mask]] = True
     return seen
+
+
+def _listed(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    # A lone string is one prompt, not a list of one-character prompts.
+    return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
 def _id_set(value: int | Iterable[int] | None) -> set[int]:

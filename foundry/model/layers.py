@@ -108,6 +108,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     scale: multiplies the scores (default 1/sqrt(hd)). softcap: cap * tanh(score / cap) before masking (Gemma 2)."""
     groups = q.shape[1] // k.shape[1]
+    b, heads, t, hd = q.shape
+    if groups > 1 and t == 1 and softcap is None:
+        # Decoding (one query per head): fold each group of query heads onto the query axis of the
+        # key/value head they share, instead of copying the whole cache `groups` times every step.
+        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], groups, hd), k, v, attn_mask=mask, scale=scale)
+        return out.view(b, heads, 1, hd)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
