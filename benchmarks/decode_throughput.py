@@ -1,6 +1,6 @@
 """Decode throughput: foundry's Engine vs transformers' generate, same checkpoint, one process, alternating.
 
-    python benchmarks/decode_throughput.py [--rounds 3] [--new-tokens 128] [--batches 1 16] [--no-compile]
+    python benchmarks/decode_throughput.py [--rounds 3] [--new-tokens 128] [--batches 1 16] [--no-compile] [--threads 2]
 
 The ENVIRONMENT.md model (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV heads, MLP 1024; random
 init, saved once) decodes greedily in fp32 on 2 threads: prompts of 32 random tokens, exactly
@@ -49,8 +49,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as ENVIRONMENT.md)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
