@@ -124,7 +124,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                       f"({'bf16 autocast' if run.bf16 else 'fp32'}), {cfg.tokens_per_step:,} tokens/step, "
                       f"steps {step}->{total_steps}")
         while step < total_steps and stop.signal is None:
-            lr = lr_at(step, cfg.lr, cfg.warmup, total_steps, cfg.min_lr_ratio)
+            # A run fitted to a time budget may be short: keep warm-up within its first tenth.
+            warmup = min(cfg.warmup, max(total_steps // 10, 1)) if budget_fitted else cfg.warmup
+            lr = lr_at(step, cfg.lr, warmup, total_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = 0.0
