@@ -177,3 +177,13 @@ def test_fast_fp32_matmuls_keep_fp32_accurate_gradients():
     finally:
         torch.set_float32_matmul_precision("highest")
     assert ((fast - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_pretraining_continues_from_a_model_directory(tmp_path, data_dir):
+    first = train(_cfg(data_dir, tmp_path / "first", steps=3))
+    export = tmp_path / "bf16"
+    hub.save(export, hub.load(first.checkpoint).model, dtype=torch.bfloat16)
+    second = train(_cfg(data_dir, tmp_path / "second", model=str(export), steps=2))
+    model = hub.load(second.checkpoint).model
+    assert next(model.parameters()).dtype == torch.float32  # master weights train in fp32
+    assert model.config.num_params() == hub.load(first.checkpoint).config.num_params()

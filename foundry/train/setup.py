@@ -114,7 +114,8 @@ def prepare_run(cfg: TrainConfig) -> RunSetup:
     torch.manual_seed(cfg.seed)
     weights_from = resume_from or model_dir
     if weights_from is not None:
-        model = hub.load(weights_from, device=device, with_tokenizer=False).model
+        # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
+        model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
     else:
         model = Transformer(config)
         model.init_weights(cfg.seed)
