@@ -187,3 +187,11 @@ def test_pretraining_continues_from_a_model_directory(tmp_path, data_dir):
     model = hub.load(second.checkpoint).model
     assert next(model.parameters()).dtype == torch.float32  # master weights train in fp32
     assert model.config.num_params() == hub.load(first.checkpoint).config.num_params()
+
+
+def test_a_time_budget_fits_the_step_count_and_the_schedule(tmp_path, data_dir):
+    result = train(_cfg(data_dir, tmp_path / "run", steps=100_000, time_budget=4.0, eval_every=0))
+    assert 5 <= result.total_steps == result.step < 100_000 and not result.interrupted
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1, rel=0.2)  # the cosine reached its floor at the fitted end
+    assert result.val is not None  # evaluated at the end

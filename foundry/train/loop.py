@@ -84,14 +84,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.set_rng_state(state["rng_cpu"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         total_steps = min(cfg.steps, state["total_steps"]) if state.get("budget_fitted") else cfg.steps
-    budget_fitted = run.resume_from is not None and total_steps != cfg.steps
+    budget_fitted = run.resume_from is not None and state.get("budget_fitted", False)
     objective = CausalLMLoss(model)
     loss_of = torch.compile(objective) if cfg.compile else objective
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext())
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=step if run.resume_from else None)
     losses: list[float] = []
     val: Perplexity | None = None
-    start_step, started, first_step_end = step, time.perf_counter(), 0.0
+    start_step, started = step, time.perf_counter()
+    # A time budget is fitted twice: on steps 2-5, then again once throughput has settled.
+    fit_at = start_step + 5 if cfg.time_budget and not budget_fitted else None
+    timed_from = (start_step, 0.0)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -145,10 +148,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             if not math.isfinite(step_loss):
                 progress.note(f"step {step}: loss is {step_loss}; lower --lr or raise --warmup")
             if step == start_step + 1:
-                first_step_end = elapsed()  # the first step pays for compilation and warm-up
-            if cfg.time_budget and not budget_fitted and step == start_step + 5:
-                total_steps, budget_fitted = _fit_to_budget(cfg, step, elapsed(), first_step_end), True
+                timed_from = (step, elapsed())  # the first step pays for compilation and warm-up
+            if step == fit_at:
+                total_steps = _fit_to_budget(cfg, step, elapsed(), *timed_from)
                 progress.set_total(total_steps)
+                fit_at = None if budget_fitted else step + max(5, (total_steps - step) // 10)
+                timed_from, budget_fitted = (step, elapsed()), True
             if step % max(cfg.log_every, 1) == 0 or step == total_steps:
                 metrics.write({"step": step, "tokens": tokens, "loss": step_loss, "lr": lr,
                                "grad_norm": grad_norm, "elapsed": round(elapsed(), 3)})
@@ -160,16 +165,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         interrupted = stop.signal is not None
         if interrupted:
             progress.note(f"stopping on signal {stop.signal} at step {step}: saving a checkpoint")
-        elif run.val_shards is not None and (val is None or step % max(cfg.eval_every, 1) or cfg.eval_every == 0):
+        elif run.val_shards is not None:  # the loop never evaluates its last step: do it here
             val = run_eval()
         checkpoint = save()
     metrics.close()
     return TrainResult(run.run_dir, checkpoint, step, total_steps, val, run.baseline, interrupted, losses)
 
 
-def _fit_to_budget(cfg: TrainConfig, step: int, elapsed: float, first_step_end: float) -> int:
-    """Total steps that fit the time budget, timed on steps 2-5 (10% kept for evaluation and saving)."""
-    per_step = (elapsed - first_step_end) / 4
+def _fit_to_budget(cfg: TrainConfig, step: int, elapsed: float, since_step: int, since: float) -> int:
+    """Total steps that fit the time budget at the pace since `since_step` (10% kept for evaluation, saving)."""
+    per_step = (elapsed - since) / max(step - since_step, 1)
     fitted = step + int((0.9 * cfg.time_budget - elapsed) / per_step)
     return max(step, min(cfg.steps, fitted))
 
