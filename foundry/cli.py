@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from foundry.errors import UserError
+
+if TYPE_CHECKING:  # the verbs import their modules lazily, so `foundry plan` needs no torch
+    from foundry.infer.sampling import SamplingParams
+    from foundry.train.config import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int | None]
 

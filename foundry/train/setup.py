@@ -13,7 +13,7 @@ import yaml
 from foundry import hub
 from foundry.config import ModelConfig, resolve_model_source
 from foundry.data.loader import BatchLoader
-from foundry.data.shards import TokenShards
+from foundry.data.shards import TokenShards, read_meta
 from foundry.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
 from foundry.files import atomic_file
@@ -132,7 +132,4 @@ def prepare_run(cfg: TrainConfig) -> RunSetup:
 
 
 def _has_split(data_dir: str, split: str) -> bool:
-    import json
-
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    return any(s["split"] == split for s in meta.get("shards", []))
+    return any(s["split"] == split for s in read_meta(data_dir).get("shards", []))
