@@ -195,3 +195,17 @@ def test_a_time_budget_fits_the_step_count_and_the_schedule(tmp_path, data_dir):
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
     assert lrs[-1] == pytest.approx(3e-3 * 0.1, rel=0.2)  # the cosine reached its floor at the fitted end
     assert result.val is not None  # evaluated at the end
+
+
+def test_chunked_loss_equals_plain_cross_entropy():
+    from foundry.config import preset
+    from foundry.model import Transformer
+    from foundry.train.loss import CausalLMLoss
+
+    model = Transformer(preset("tiny").replace(vocab_size=300))
+    model.init_weights(0)
+    x = torch.randint(0, 300, (3, 50), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, 1)
+    y[0, :7] = -100  # masked prompt tokens, as instruction tuning will use
+    expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert torch.allclose(CausalLMLoss(model, chunk_rows=16)(x, y), expected, rtol=1e-6)

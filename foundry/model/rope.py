@@ -104,10 +104,12 @@ def _yarn(config: ModelConfig, s: dict) -> torch.Tensor:
 
 def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32, times `scale`."""
+    """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32, times `scale`.
+
+    sin comes with the rotation's sign folded in (-sin on the first half) for apply_rotary."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    cos, sin = emb.cos(), emb.sin()
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None]
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None]
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     return cos.to(dtype), sin.to(dtype)
@@ -120,6 +122,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
         return torch.cat((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
-    half = rot // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # Swap the halves with a flip: unlike slicing, its backward needs no zero-filled buffers.
+    swapped = x.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin
