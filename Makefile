@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(VENV)/bin/foundry demo --out demo-out
+	$(VENV)/bin/foundry demo --out demo-out --overwrite
 
 test: install-dev
 	$(PY) -m pytest tests
