@@ -48,7 +48,7 @@ def run_demo(out: str | Path, time_budget: float = 300.0, preset_name: str = "mi
     console.rule(f"[bold]3. pretraining preset {preset_name!r} for about {time_budget:.0f}s")
     cfg = TrainConfig(model=preset_name, data=str(out / "data"), out=str(out / "run"),
                       tokenizer=str(out / "tokenizer"), steps=100_000, batch_size=16, seq_len=256,
-                      lr=3e-3, warmup=30, eval_every=100, eval_batches=16, save_every=0,
+                      lr=3e-3, warmup=30, eval_every=30, eval_batches=8, save_every=0,
                       time_budget=time_budget, log_every=5)
     result = train(cfg)
 

@@ -35,6 +35,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """Bias-corrected exponential moving average, as TensorBoard draws it."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
 def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None) -> None:
     """Training and validation loss against tokens seen, written atomically as a PNG."""
     import matplotlib
@@ -47,7 +56,9 @@ def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None
     val = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
+        tokens, losses = [r["tokens"] for r in train], [r["loss"] for r in train]
+        ax.plot(tokens, losses, color="tab:blue", alpha=0.3, lw=1)
+        ax.plot(tokens, _smoothed(losses), color="tab:blue", label="train loss (smoothed)", lw=1.6)
     if val:
         ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", lw=1.5)
     if baseline is not None:
