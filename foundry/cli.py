@@ -307,7 +307,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
-    parser = argparse.ArgumentParser(prog="foundry", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="foundry", description="Define, prepare data for, pretrain, generate with, export and plan large "
+        "language models. Every verb takes --help.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_info, _add_pretrain, _add_demo, _add_tokenizer, _add_prepare, _add_generate, _add_chat,
                 _add_plan, _add_export):
