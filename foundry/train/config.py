@@ -31,7 +31,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     eval_every: int = 100          # 0: evaluate only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20         # validation batches per periodic evaluation (0: the whole split)
+    final_eval_batches: int = 0    # validation batches at the end (0: the whole split, like the baseline)
     save_every: int = 500          # 0: save only at the end
     keep_checkpoints: int = 2      # older complete checkpoints are deleted
     log_every: int = 10
@@ -48,7 +49,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every", "log_every", "eval_batches"):
+        for name in ("warmup", "eval_every", "save_every", "log_every", "eval_batches", "final_eval_batches"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -99,8 +99,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
 
-    def run_eval() -> Perplexity:
-        result = evaluate(model, run.val_shards, cfg.batch_size, cfg.seq_len, cfg.eval_batches or None,
+    def run_eval(batches: int) -> Perplexity:
+        result = evaluate(model, run.val_shards, cfg.batch_size, cfg.seq_len, batches or None,
                           device, autocast if run.bf16 else None)
         metrics.write({"step": step, "tokens": tokens, "val_loss": result.loss, "val_ppl": result.perplexity})
         progress.note(f"step {step}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
@@ -159,14 +159,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                                "grad_norm": grad_norm, "elapsed": round(elapsed(), 3)})
             progress.update(step, step_loss, lr)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                val = run_eval()
+                val = run_eval(cfg.eval_batches)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 checkpoint = save()
         interrupted = stop.signal is not None
         if interrupted:
             progress.note(f"stopping on signal {stop.signal} at step {step}: saving a checkpoint")
         elif run.val_shards is not None:  # the loop never evaluates its last step: do it here
-            val = run_eval()
+            val = run_eval(cfg.final_eval_batches)
         checkpoint = save()
     metrics.close()
     return TrainResult(run.run_dir, checkpoint, step, total_steps, val, run.baseline, interrupted, losses)
