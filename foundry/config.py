@@ -290,6 +290,18 @@ def preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None if it has none."""
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = run_dir / pointer.read_text().strip()
+    return ckpt if (ckpt / "config.json").is_file() else None
+
+
 def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
     """(config, model directory or None) for a preset, a config file, a model directory, a run directory or a
     Hub id."""
@@ -298,8 +310,8 @@ def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
     path = Path(spec)
     if path.is_file():
         return ModelConfig.from_file(path), None
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()  # a run directory: its newest checkpoint
+    if path.is_dir() and not (path / "config.json").is_file():
+        path = latest_checkpoint(path) or path  # a run directory: its newest checkpoint
     if (path / "config.json").is_file():
         return ModelConfig.from_file(path / "config.json"), path
     from foundry.hf_hub import fetch, is_hub_id

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from foundry.config import ModelConfig
+from foundry.config import ModelConfig, latest_checkpoint
 from foundry.errors import UserError
 from foundry.files import atomic_dir, write_json
 from foundry.hf_hub import MODEL_FILES, complete_snapshot, fetch, is_hub_id
@@ -18,7 +18,6 @@ from foundry.model import Transformer
 from foundry.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors, weight_files,
                              write_tensors)
 
-LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
 # Files written beside the weights that describe the tokenizer; `export` copies them as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja")
@@ -34,15 +33,6 @@ class LoadedModel:
     tokenizer: Any = None  # foundry.tokenizer.Tokenizer when the directory has one
     generation_config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # foundry.json
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None if it has none."""
-    pointer = run_dir / LATEST
-    if not pointer.is_file():
-        return None
-    ckpt = run_dir / pointer.read_text().strip()
-    return ckpt if (ckpt / "config.json").is_file() else None
 
 
 def resolve_model_dir(spec: str | Path, revision: str | None = None, token: str | bool | None = None,

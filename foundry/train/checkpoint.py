@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from foundry import hub
+from foundry.config import LATEST
 from foundry.errors import UserError
 from foundry.files import atomic_dir, atomic_file, atomic_path
 
 STATE_FILE = Path("trainer") / "state.pt"
-RUN_MARKERS = ("run.yaml", "metrics.jsonl", hub.LATEST)
+RUN_MARKERS = ("run.yaml", "metrics.jsonl", LATEST)
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         (tmp / "trainer").mkdir()
         with atomic_path(tmp / STATE_FILE) as state_path:
             torch.save(trainer_state, state_path)
-    with atomic_file(run_dir / hub.LATEST, "w") as handle:
+    with atomic_file(run_dir / LATEST, "w") as handle:
         handle.write(name + "\n")
     _prune(run_dir, keep, newest=final)
     return final

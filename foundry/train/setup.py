@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from foundry import hub
-from foundry.config import ModelConfig, resolve_model_source
+from foundry.config import ModelConfig, latest_checkpoint, resolve_model_source
 from foundry.data.loader import BatchLoader
 from foundry.data.shards import TokenShards, read_meta
 from foundry.errors import UserError
@@ -61,7 +61,7 @@ def _run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a directory")
     if cfg.resume:
-        ckpt = hub.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if ckpt is None:
             raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
         clean_partial_writes(run_dir)
