@@ -53,9 +53,9 @@ def write_random_model(path: Path, preset_name: str, shard_size: str) -> int:
     import torch
 
     from foundry.config import preset
-    from foundry.files import write_json
+    from foundry.core.files import write_json
     from foundry.model import Transformer
-    from foundry.weights import parse_size, write_tensors
+    from foundry.hub.weights import parse_size, write_tensors
 
     config = preset(preset_name)
     with torch.device("meta"):

@@ -2,11 +2,11 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
+from foundry.core.version import __version__  # noqa: F401 (re-exported)
 
 
 def __getattr__(name: str) -> Any:
-    # `foundry.load(...)` without importing torch at package import (plan.py runs where torch is absent).
+    # `foundry.load(...)` without importing torch at package import (foundry plan runs where torch is absent).
     if name == "load":
         from foundry.hub import load
 

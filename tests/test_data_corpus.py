@@ -3,7 +3,7 @@
 import pytest
 
 from foundry.data.corpus import iter_documents, split_of, stdlib_files
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 
 def test_text_file_directory_and_jsonl(tmp_path):

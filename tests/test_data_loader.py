@@ -5,7 +5,7 @@ import torch
 
 from foundry.data.loader import BatchLoader, eval_batches
 from foundry.data.shards import TokenShards, prepare
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def shards(tmp_path_factory, counting_tokenizer):
         words = range(1 + 50 * d, 1 + 50 * (d + 1))
         (root / "corpus" / f"doc{d:03d}.txt").write_text(" ".join(f"w{i}" for i in words))
     prepare([str(root / "corpus")], counting_tokenizer(2000), root / "data", val_fraction=0.1,
-            shard_tokens=500, quiet=True)
+            shard_tokens=500)
     return TokenShards(root / "data", "train"), TokenShards(root / "data", "val")
 
 

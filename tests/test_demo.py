@@ -3,7 +3,7 @@
 import pytest
 
 from foundry.cli import main
-from foundry.demo import PROMPT, run_demo
+from foundry.cli.demo import PROMPT, run_demo
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from foundry.files import atomic_dir, atomic_file, write_json
+from foundry.core.files import atomic_dir, atomic_file, write_json
 
 
 def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from foundry import hub  # noqa: E402
 from foundry.cli import main  # noqa: E402
 from foundry.config import ModelConfig  # noqa: E402
-from foundry.errors import UserError  # noqa: E402
+from foundry.core.errors import UserError  # noqa: E402
 from foundry.model import Transformer  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=1001, hidden_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -69,7 +69,7 @@ def test_hub_ids_resolve_from_the_cache_offline_and_configs_without_torch(model_
     _hub_cache(model_dir, tmp_path / "cache")
     script = (
         "import sys, foundry\n"
-        "from foundry.config import resolve_model_source\n"
+        "from foundry.hub import resolve_model_source\n"
         "config, snapshot = resolve_model_source('acme/tiny-llama')  # info and plan: config.json only\n"
         "assert 'torch' not in sys.modules and config.head_dim == 20\n"
         "for spec in ('acme/tiny-llama', 'acme/tiny-llama@" + REVISION + "', snapshot):\n"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 from foundry.infer.detokenize import TextStream
 from foundry.infer.sampling import SamplingParams, make_generator, sample_next, truncate
 from foundry.tokenizer import Tokenizer

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from foundry import scaling
+from foundry.plan import scaling
 from foundry.cli import main
 from foundry.config import ModelConfig, preset
+from foundry.core.errors import UserError
 from foundry.plan import PlanRequest, layer_activation_bytes, make_plan, model_state_bytes
 
 
@@ -191,15 +192,19 @@ def test_inference_kv_cache_batch_and_decode_ceiling():
 
 # ---- inputs and output ----------------------------------------------------------------------
 
-def test_model_directory_run_directory_and_yaml(tmp_path):
+def test_model_directory_run_directory_and_yaml(tmp_path, capsys):
     config = preset("small")
     ckpt = tmp_path / "run" / "step-000100"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps(config.to_hf_dict()))
     (tmp_path / "run" / "latest").write_text("step-000100\n")
     (tmp_path / "m.yaml").write_text("preset: small\n")
-    for source in (ckpt, tmp_path / "run", tmp_path / "m.yaml"):
-        assert plan(model=str(source), tokens="1B")["model"]["params"] == config.num_params()
+    for source in (ckpt, tmp_path / "run", tmp_path / "m.yaml"):  # the CLI resolves specs through foundry.hub
+        assert main(["plan", str(source), "--tokens", "1B", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["params"] == config.num_params()
+    assert plan(model=str(tmp_path / "m.yaml"), tokens="1B")["model"]["params"] == config.num_params()
+    with pytest.raises(UserError, match="foundry.hub.resolve_model_source"):
+        plan(model=str(ckpt), tokens="1B")  # the planner itself reads only presets and config files
 
 
 def test_json_and_table_output(capsys):

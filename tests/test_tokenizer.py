@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 from foundry.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
 TEXTS = [

@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory, sample_texts, tiny_tokenizer):
     for i, text in enumerate(sample_texts):
         (corpus / f"doc{i:03d}.py").write_text(text)
     out = tmp_path_factory.mktemp("data") / "shards"
-    prepare([str(corpus)], tiny_tokenizer, out, val_fraction=0.15, quiet=True)
+    prepare([str(corpus)], tiny_tokenizer, out, val_fraction=0.15)
     return out
 
 

@@ -14,7 +14,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 STDLIB = "stdlib"
 # Test suites are large, repetitive and full of deliberately odd code; site-packages is not the stdlib.

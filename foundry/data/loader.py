@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from foundry.data.shards import TokenShards
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -13,13 +13,13 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from foundry.data.corpus import STDLIB, check_sources, corpus_bytes, iter_documents, split_of, unit_hash
-from foundry.errors import UserError
-from foundry.files import atomic_dir, write_json
+from foundry.core.errors import UserError
+from foundry.core.files import atomic_dir, write_json
 from foundry.tokenizer import ENDOFTEXT, Tokenizer
 
 FORMAT = "foundry-token-shards"
@@ -28,6 +28,8 @@ SPLITS = ("train", "val")
 # Characters of text handed to one encode_batch call: large enough to keep the Rust threads busy,
 # small enough that a corpus of any size streams through in bounded memory.
 _BATCH_CHARS = 2 << 20
+# progress(bytes read, total bytes or None, documents read): called after each encoded batch
+ProgressCallback = Callable[[int, "int | None", int], None]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -74,7 +76,7 @@ class _ShardWriter:
 
 def prepare(sources: list[str], tokenizer: Tokenizer | str | Path, out_dir: str | Path, *,
             val_fraction: float = 0.05, shard_tokens: int = 2**24, glob: str = "**/*", field: str = "text",
-            overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Tokenize the sources into train/val shards in out_dir; returns the meta.json contents."""
     sources = check_sources(sources)
     if not isinstance(tokenizer, Tokenizer):
@@ -101,7 +103,7 @@ def prepare(sources: list[str], tokenizer: Tokenizer | str | Path, out_dir: str 
     with atomic_dir(staging) as tmp:
         writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in SPLITS}
         router = _SplitRouter(writers, val_fraction)
-        _stream(sources, tokenizer, router, separator, dtype, glob, field, quiet)
+        _stream(sources, tokenizer, router, separator, dtype, glob, field, progress)
         fallback = router.finish()
         shards = writers["train"].close() + writers["val"].close()
         if not writers["train"].documents:
@@ -168,38 +170,30 @@ class _SplitRouter:
 
 
 def _stream(sources: list[str], tokenizer: Tokenizer, router: _SplitRouter, separator: int, dtype: np.dtype,
-            glob: str, field: str, quiet: bool) -> None:
-    """Read documents, encode them in batches of a few MB and route each, with a progress bar."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    # Off when stderr is not a terminal: a log file gets nothing useful from a bar, only a stray newline.
-    progress = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[docs]}"),
-                        TimeRemainingColumn(), console=console, transient=True,
-                        disable=quiet or not console.is_terminal)
+            glob: str, field: str, progress: ProgressCallback | None) -> None:
+    """Read documents, encode them in batches of a few MB and route each, reporting bytes read."""
     sep = np.array([separator], dtype=dtype)
+    total = (corpus_bytes(sources, glob) or None) if progress else None
     batch: list[tuple[str, str]] = []
-    done = 0
-    with progress:
-        task = progress.add_task("prepare", total=corpus_bytes(sources, glob) or None, docs="")
-        documents = iter_documents(sources, glob, field)
-        while True:
-            text_chars = 0
-            for name, text in documents:
-                batch.append((name, text))
-                text_chars += len(text)
-                if text_chars >= _BATCH_CHARS:
-                    break
-            if not batch:
+    done_docs = done_bytes = 0
+    documents = iter_documents(sources, glob, field)
+    while True:
+        text_chars = 0
+        for name, text in documents:
+            batch.append((name, text))
+            text_chars += len(text)
+            if text_chars >= _BATCH_CHARS:
                 break
-            encoded = tokenizer.encode_batch([text for _, text in batch], split_special_tokens=True)
-            for (name, text), ids in zip(batch, encoded):
-                router.add(name, np.concatenate([np.asarray(ids, dtype=dtype), sep]))
-                progress.advance(task, len(text.encode("utf-8")))
-            done += len(batch)
-            progress.update(task, docs=f"{done:,} docs")
-            batch.clear()
+        if not batch:
+            break
+        encoded = tokenizer.encode_batch([text for _, text in batch], split_special_tokens=True)
+        for (name, text), ids in zip(batch, encoded):
+            router.add(name, np.concatenate([np.asarray(ids, dtype=dtype), sep]))
+            done_bytes += len(text.encode("utf-8"))
+        done_docs += len(batch)
+        if progress:
+            progress(done_bytes, total, done_docs)
+        batch.clear()
 
 
 def _install(staging: Path, out_dir: Path) -> None:

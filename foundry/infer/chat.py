@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 from foundry.infer.engine import Engine
 from foundry.infer.sampling import SamplingParams
 

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 from foundry.infer.detokenize import TextStream
 from foundry.infer.prepack import can_prepack, prepack_linears
 from foundry.infer.sampling import SamplingParams, make_generator, sample_next

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 256
 # When neither the user nor generation_config.json says otherwise we sample at temperature 1 with no

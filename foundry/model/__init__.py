@@ -1,4 +1,7 @@
-"""nn.Modules of the model layer: they import only torch and foundry.config."""
+"""nn.Modules only: the decoder transformer (every supported family), its layers, RoPE and the KV-cache protocol.
+
+Knows nothing of files, training or HTTP. May import only torch, `foundry.config` and `foundry.core`.
+"""
 
 from foundry.model.kv_cache import KVCache
 from foundry.model.transformer import Transformer

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from foundry import hub
-from foundry.config import LATEST
-from foundry.errors import UserError
-from foundry.files import atomic_dir, atomic_file, atomic_path
+from foundry.hub import LATEST
+from foundry.core.errors import UserError
+from foundry.core.files import atomic_dir, atomic_file, atomic_path
 
 STATE_FILE = Path("trainer") / "state.pt"
 RUN_MARKERS = ("run.yaml", "metrics.jsonl", LATEST)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 
 @dataclass
@@ -37,6 +37,7 @@ class TrainConfig:
     keep_checkpoints: int = 2      # older complete checkpoints are deleted
     log_every: int = 10
     time_budget: float | None = None  # seconds: fit `steps` to this budget after timing the first steps
+    skip_nonfinite: int = 0        # steps with a non-finite loss to skip (no update) before the run stops
     compile: bool = False
     activation_checkpointing: bool = False
     precision: str = "auto"        # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -49,7 +50,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every", "log_every", "eval_batches", "final_eval_batches"):
+        for name in ("warmup", "skip_nonfinite", "eval_every", "save_every", "log_every", "eval_batches", "final_eval_batches"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:

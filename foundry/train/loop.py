@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-import foundry
+from foundry.core.version import __version__
 from foundry.eval.perplexity import Perplexity, evaluate
 from foundry.train.checkpoint import load_trainer_state, save_checkpoint
 from foundry.train.config import TrainConfig
 from foundry.train.loss import CausalLMLoss
 from foundry.train.metrics import MetricsLog, plot_losses
-from foundry.train.progress import TrainProgress
+from foundry.train.progress import TrainReporter
 from foundry.train.schedule import lr_at
 from foundry.train.setup import RunSetup, prepare_run
 
@@ -71,8 +71,9 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, reporter: TrainReporter | None = None) -> TrainResult:
     """Run (or resume) a training run to `cfg.steps` optimizer steps; returns where it ended."""
+    progress = reporter or TrainReporter()
     run = prepare_run(cfg)
     model, loader, device = run.model, run.loader, run.device
     optimizer = _optimizer(model, cfg)
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                          "tokens": tokens, "elapsed": elapsed(), "optimizer": optimizer.state_dict(),
                          "loader": loader.state_dict(), "rng_cpu": torch.get_rng_state(),
                          "train_config": cfg.to_dict()}
-        meta = {"foundry_version": foundry.__version__, "stage": "pretrain", "step": step, "tokens": tokens,
+        meta = {"foundry_version": __version__, "stage": "pretrain", "step": step, "tokens": tokens,
                 "train_config": cfg.to_dict(), "data": run.data_summary,
                 "eval": ({"val_loss": val.loss, "val_perplexity": val.perplexity,
                           "unigram_loss": run.baseline.loss} if val else {})}
@@ -122,52 +123,56 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     model.train()
     checkpoint = None
-    with _StopRequest() as stop, TrainProgress(total_steps, step, cfg.tokens_per_step) as progress:
-        progress.note(f"training {run.param_count:,} parameters on {device.type} "
-                      f"({'bf16 autocast' if run.bf16 else 'fp32'}), {cfg.tokens_per_step:,} tokens/step, "
-                      f"steps {step}->{total_steps}")
-        while step < total_steps and stop.signal is None:
-            # A run fitted to a time budget may be short: keep warm-up within its first tenth.
-            warmup = min(cfg.warmup, max(total_steps // 10, 1)) if budget_fitted else cfg.warmup
-            lr = lr_at(step, cfg.lr, warmup, total_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                x, y = next(loader)
-                with autocast:
-                    loss = loss_of(x.to(device), y.to(device))
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += cfg.tokens_per_step
-            losses.append(step_loss)
-            if not math.isfinite(step_loss):
-                progress.note(f"step {step}: loss is {step_loss}; lower --lr or raise --warmup")
-            if step == start_step + 1:
-                timed_from = (step, elapsed())  # the first step pays for compilation and warm-up
-            if step == fit_at:
-                total_steps = _fit_to_budget(cfg, step, elapsed(), *timed_from)
-                progress.set_total(total_steps)
-                fit_at = None if budget_fitted else step + max(5, (total_steps - step) // 10)
-                timed_from, budget_fitted = (step, elapsed()), True
-            if step % max(cfg.log_every, 1) == 0 or step == total_steps:
-                metrics.write({"step": step, "tokens": tokens, "loss": step_loss, "lr": lr,
-                               "grad_norm": grad_norm, "elapsed": round(elapsed(), 3)})
-            progress.update(step, step_loss, lr)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                val = run_eval(cfg.eval_batches)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint = save()
-        interrupted = stop.signal is not None
-        if interrupted:
-            progress.note(f"stopping on signal {stop.signal} at step {step}: saving a checkpoint")
-        elif run.val_shards is not None:  # the loop never evaluates its last step: do it here
-            val = run_eval(cfg.final_eval_batches)
-        checkpoint = save()
+    progress.start(total_steps, step, cfg.tokens_per_step)
+    try:
+        with _StopRequest() as stop:
+            progress.note(f"training {run.param_count:,} parameters on {device.type} "
+                          f"({'bf16 autocast' if run.bf16 else 'fp32'}), {cfg.tokens_per_step:,} tokens/step, "
+                          f"steps {step}->{total_steps}")
+            while step < total_steps and stop.signal is None:
+                # A run fitted to a time budget may be short: keep warm-up within its first tenth.
+                warmup = min(cfg.warmup, max(total_steps // 10, 1)) if budget_fitted else cfg.warmup
+                lr = lr_at(step, cfg.lr, warmup, total_steps, cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    x, y = next(loader)
+                    with autocast:
+                        loss = loss_of(x.to(device), y.to(device))
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += loss.item() / cfg.grad_accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += cfg.tokens_per_step
+                losses.append(step_loss)
+                if not math.isfinite(step_loss):
+                    progress.note(f"step {step}: loss is {step_loss}; lower --lr or raise --warmup")
+                if step == start_step + 1:
+                    timed_from = (step, elapsed())  # the first step pays for compilation and warm-up
+                if step == fit_at:
+                    total_steps = _fit_to_budget(cfg, step, elapsed(), *timed_from)
+                    progress.set_total(total_steps)
+                    fit_at = None if budget_fitted else step + max(5, (total_steps - step) // 10)
+                    timed_from, budget_fitted = (step, elapsed()), True
+                if step % max(cfg.log_every, 1) == 0 or step == total_steps:
+                    metrics.write({"step": step, "tokens": tokens, "loss": step_loss, "lr": lr,
+                                   "grad_norm": grad_norm, "elapsed": round(elapsed(), 3)})
+                progress.update(step, step_loss, lr)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    val = run_eval(cfg.eval_batches)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    checkpoint = save()
+            interrupted = stop.signal is not None
+            if interrupted:
+                progress.note(f"stopping on signal {stop.signal} at step {step}: saving a checkpoint")
+            elif run.val_shards is not None:  # the loop never evaluates its last step: do it here
+                val = run_eval(cfg.final_eval_batches)
+            checkpoint = save()
+    finally:
+        progress.close()
     metrics.close()
     return TrainResult(run.run_dir, checkpoint, step, total_steps, val, run.baseline, interrupted, losses)
 

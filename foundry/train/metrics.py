@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from foundry.files import atomic_path
+from foundry.core.files import atomic_path
 
 
 class MetricsLog:

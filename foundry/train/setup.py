@@ -11,12 +11,13 @@ import torch
 import yaml
 
 from foundry import hub
-from foundry.config import ModelConfig, latest_checkpoint, resolve_model_source
+from foundry.config import ModelConfig
 from foundry.data.loader import BatchLoader
 from foundry.data.shards import TokenShards, read_meta
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
-from foundry.files import atomic_file
+from foundry.core.files import atomic_file
+from foundry.hub import latest_checkpoint, resolve_model_source
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
 from foundry.train.checkpoint import clean_partial_writes, is_run_dir

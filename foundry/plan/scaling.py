@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 # N_opt = K * C^A1: least squares of log N on log C over Hoffmann et al. 2022, Table 3.
 TABLE3_K = 0.099159

@@ -1,27 +1,27 @@
 """`foundry plan`: what a training or serving run will take, whether it fits, what it costs, what it reaches.
 
-Pure arithmetic over `config.py`; runs where torch is not installed. Sources:
+Pure arithmetic over `ModelConfig`; runs where torch is not installed. Sources:
 - FLOPs: 6N per token (Kaplan et al. 2020), plus attention's 12*L*H*Q*T (PaLM, Chowdhery et al. 2022,
   App. B); MoE counts active parameters. MFU is PaLM's model-FLOPs utilisation.
 - Model states: 2 + 2 + 12 bytes per parameter for mixed-precision Adam, sharded by ZeRO stage
   (Rajbhandari et al. 2020, Sec. 3-5); FSDP full shard = stage 3, shard-grad-op = stage 2.
 - Activations: Korthikanti et al. 2022 (arXiv:2205.05198, Sec. 4), per layout and recompute mode.
-- Sizing and loss: see `foundry.scaling`. Hardware: see `foundry.hardware`.
+- Sizing and loss: see `foundry.plan.scaling`. Hardware: see `foundry.plan.hardware`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from foundry import scaling
-from foundry.config import ModelConfig, resolve_model_source
-from foundry.errors import UserError
-from foundry.hardware import Hardware, lookup, with_overrides
+from foundry.config import PRESETS, ModelConfig, preset, read_config_file
+from foundry.core.errors import UserError
+from foundry.plan import scaling
+from foundry.plan.hardware import Hardware, lookup, with_overrides
 
 # (weights, gradients, optimizer) bytes per parameter with Adam; ZeRO's K = 12 for mixed precision.
 STATE_BYTES = {"bf16-mixed": (2, 2, 12), "fp32": (4, 4, 8)}
@@ -127,6 +127,7 @@ class PlanRequest:
     """Everything `foundry plan` takes; field names are the CLI's flag names."""
 
     model: str | ModelConfig | None = None
+    model_name: str | None = None  # how the plan names a ModelConfig given as `model` (its spec)
     params: str | float | None = None
     tokens: str | float | None = None
     hardware: str = "h100-sxm"
@@ -192,15 +193,21 @@ def _model(req: PlanRequest) -> tuple[ModelConfig | None, str | None]:
     if req.model is not None and req.params is not None:
         raise UserError("give a model or --params, not both")
     if isinstance(req.model, ModelConfig):
-        return req.model, "config object"
+        return req.model, req.model_name or "config object"
     if req.model is None:
         return None, None
-    return load_model(req.model), str(req.model)
+    return load_model(req.model), req.model_name or str(req.model)
 
 
 def load_model(spec: str) -> ModelConfig:
-    """The config of a preset, a YAML/JSON config file, a model directory or a run directory."""
-    return resolve_model_source(spec)[0]
+    """The config of a preset or a YAML/JSON config file (model and run directories and Hub ids are
+    resolved by `foundry.hub.resolve_model_source`, which hands the planner a ModelConfig)."""
+    if spec in PRESETS:
+        return preset(spec)
+    if Path(spec).is_file():
+        return read_config_file(spec)
+    raise UserError(f"model {spec!r} is not a preset ({', '.join(PRESETS)}) or a config file; "
+                    "resolve directories and Hub ids with foundry.hub.resolve_model_source first")
 
 
 def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:
@@ -357,117 +364,5 @@ def _sizing(budget_flops, budget_dollars, hw: Hardware, layout, law) -> dict[str
             "cost": device_hours * hw.price_per_hour}
 
 
-# ---- output -------------------------------------------------------------------------------
-
-def print_plan(plan: dict[str, Any], as_json: bool = False) -> None:
-    """Print the plan as rich tables, or as JSON."""
-    if as_json:
-        print(json.dumps(plan, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    hw, lay = plan["hardware"], plan["layout"]
-    head = f"[bold]{_model_line(plan['model'])}[/] on {lay['gpus']} x {hw['label']}"
-    if "training" in plan:
-        head += (f": dp {lay['dp']}, tp {lay['tp']}, pp {lay['pp']}, ZeRO {lay['zero']}, "
-                 f"recompute {lay['recompute']}, seq {lay['seq_len']}, micro-batch {lay['micro_batch']}")
-    console.print(head)
-    for title, rows in _sections(plan):
-        table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    for note in [f"MFU {hw['mfu']:.0%}: {hw['mfu_source']}", f"hardware: {hw['spec_source']}", *plan["notes"]]:
-        console.print(f"[dim]- {note}[/]")
-
-
-def _sections(plan: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    hw, lay, out = plan["hardware"], plan["layout"], []
-    if "training" in plan:
-        t, m = plan["training"], plan["memory"]
-        loss = f"{t['predicted_loss']:.3f} nats/token" if t["predicted_loss"] is not None else "n/a (MoE)"
-        out.append(("Training", [
-            ("tokens", _count(t["tokens"]), f"{t['tokens_per_param']:.1f} per parameter; {t['tokens_source']}"),
-            ("FLOPs", f"{t['flops']:.3g}", f"6ND {t['flops_6nd']:.3g} + attention {t['flops_attention']:.2g}"),
-            ("time", _duration(t["seconds"]), f"{_devices(lay['gpus'])} at {hw['mfu']:.0%} MFU"),
-            ("device-hours", _count(t["device_hours"]), ""),
-            ("cost", _usd(t["cost"]), f"at ${hw['price_per_hour']:.2f}/device-hour"),
-            ("predicted loss", loss, "loss law in the notes")]))
-        fits = "n/a" if m["activations"] is None else ("yes" if m["fits"] else "NO")
-        rows = [(k, _bytes(m[k]), "") for k in ("weights", "gradients", "optimizer")]
-        rows += [("activations", _bytes(m["activations"]), f"Korthikanti et al. 2022, {lay['kernels']} kernels"),
-                 ("total", _bytes(m["total"]), f"of {_bytes(m['capacity'])}"),
-                 ("fits", fits, "" if m["max_micro_batch"] is None else f"largest micro-batch {m['max_micro_batch']}")]
-        out.append(("Memory per device", rows))
-    if "compute_optimal" in plan:
-        c = plan["compute_optimal"]
-        lo = c["law_optimum"]
-        out.append(("Compute-optimal for the budget", [
-            ("budget", f"{c['budget_flops']:.3g} FLOPs",
-             f"{_usd(c['cost'])}, {_count(c['device_hours'])} device-hours"),
-            ("parameters", _count(c["params"]), "Chinchilla Table 3 (fit in the notes)"),
-            ("tokens", _count(c["tokens"]), f"{c['tokens_per_param']:.1f} per parameter"),
-            ("predicted loss", f"{c['predicted_loss']:.3f} nats/token", "loss law in the notes"),
-            ("loss-law optimum", f"{_count(lo['params'])} params, {_count(lo['tokens'])} tokens",
-             f"loss {lo['loss']:.3f}"),
-            ("time", _duration(c["days"] * 86400), f"on {_devices(lay['gpus'])}")]))
-    if "inference" in plan:
-        i = plan["inference"]
-        per_device = f"{_bytes(i['weights_per_device'])} on each of {i['replica_devices']}"
-        rows = [("weights", _bytes(i["weights"]), per_device)]
-        if i["kv_per_token"]:
-            rows += [("KV cache", f"{_bytes(i['kv_per_token'])}/token", f"{_bytes(i['kv_per_request'])} per "
-                                                                         f"{i['context']}-token request"),
-                     ("largest batch", str(i["max_batch"]), f"at context {i['context']}")]
-        rows.append(("decode, batch 1", f"{i['decode_tokens_per_s_batch1']:,.0f} tokens/s",
-                     f"{i['bound_batch1']}-bound ceiling"))
-        if i.get("decode_tokens_per_s"):
-            rows += [("decode, full batch", f"{i['decode_tokens_per_s']:,.0f} tokens/s", f"{i['bound']}-bound ceiling"),
-                     ("$ per million tokens", _usd(i["dollars_per_million_tokens"]), "at the full-batch ceiling")]
-        out.append(("Inference", rows))
-    return out
-
-
-def _model_line(model: dict[str, Any]) -> str:
-    if model["params"] is None:
-        return "compute-optimal sizing"
-    active = model["active_params"]
-    extra = f", {_count(active)} active" if active != model["params"] else ""
-    return f"{model['source']} ({_count(model['params'])} parameters{extra})"
-
-
-def _devices(n: int) -> str:
-    return f"{n} device" + ("s" if n != 1 else "")
-
-
-def _count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _usd(n: float) -> str:
-    return f"${_count(n)}" if n >= 1e3 else f"${n:.2f}" if n >= 0.01 else f"${n:.2g}"
-
-
-def _duration(seconds: float) -> str:
-    for unit, scale in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds:.3g} s"
-
-
-__all__ = ["PlanRequest", "make_plan", "print_plan", "parse_count", "model_state_bytes",
+__all__ = ["PlanRequest", "make_plan", "parse_count", "model_state_bytes",
            "layer_activation_bytes", "activation_bytes"]

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 # Default model-FLOPs utilisation (PaLM's MFU: 6N + attention FLOPs per token over peak), from runs.
 LLAMA3_MFU = "Llama 3 405B on 8-16K H100s: 38-43% bf16 MFU (Llama Team 2024, arXiv:2407.21783, Table 4)"

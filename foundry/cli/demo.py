@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from foundry.errors import UserError
+from foundry.cli.parsing import add_verb
+from foundry.core.errors import UserError
 
 PROMPT = "def fibonacci(n):"
 
@@ -16,6 +18,7 @@ PROMPT = "def fibonacci(n):"
 def run_demo(out: str | Path, time_budget: float = 300.0, preset_name: str = "mini",
              overwrite: bool = False, vocab_size: int = 8192) -> dict:
     """Tokenizer -> shards -> pretraining -> evaluation -> sample; returns the figures it printed."""
+    from foundry.cli.progress import ConsoleTrainReporter, PrepareBar
     from foundry.data.corpus import train_tokenizer
     from foundry.data.shards import prepare
     from foundry.infer.engine import Engine
@@ -41,7 +44,8 @@ def run_demo(out: str | Path, time_budget: float = 300.0, preset_name: str = "mi
     console.print(f"{tokenizer.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {out / 'tokenizer'}")
 
     console.rule("[bold]2. data: token shards")
-    meta = prepare(["stdlib"], tokenizer, out / "data")
+    with PrepareBar() as bar:
+        meta = prepare(["stdlib"], tokenizer, out / "data", progress=bar)
     console.print(f"train {meta['tokens']['train']:,} tokens, validation {meta['tokens']['val']:,} tokens "
                   f"-> {out / 'data'}")
 
@@ -50,7 +54,7 @@ def run_demo(out: str | Path, time_budget: float = 300.0, preset_name: str = "mi
                       tokenizer=str(out / "tokenizer"), steps=100_000, batch_size=16, seq_len=256,
                       lr=3e-3, warmup=30, eval_every=30, eval_batches=8, save_every=0,
                       time_budget=time_budget, log_every=5)
-    result = train(cfg)
+    result = train(cfg, ConsoleTrainReporter())
 
     console.rule("[bold]4. evaluation")
     val, base = result.val, result.baseline
@@ -68,3 +72,16 @@ def run_demo(out: str | Path, time_budget: float = 300.0, preset_name: str = "mi
     console.rule(f"done in {time.perf_counter() - started:.0f}s")
     return {"val_loss": val.loss, "val_ppl": val.perplexity, "baseline_loss": base.loss,
             "baseline_ppl": base.perplexity, "checkpoint": str(result.checkpoint), "sample": completion.text}
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    run_demo(args.out, time_budget=args.time_budget, preset_name=args.model, overwrite=args.overwrite)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `demo` verb."""
+    p = add_verb(sub, "demo", _cmd_demo, "Tokenizer, data, pretraining, evaluation and a sample, on the stdlib corpus.")
+    p.add_argument("--out", default="demo-out", help="directory for everything the demo writes")
+    p.add_argument("--time-budget", type=float, default=300.0, help="seconds of pretraining (default 300)")
+    p.add_argument("--model", default="mini", help="preset to pretrain (default mini)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")

@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 
-from foundry.config import ModelConfig, latest_checkpoint
-from foundry.errors import UserError
-from foundry.files import atomic_dir, write_json
-from foundry.hf_hub import MODEL_FILES, complete_snapshot, fetch, is_hub_id
+from foundry.config import ModelConfig
+from foundry.core.errors import UserError
+from foundry.core.files import atomic_dir, write_json
+from foundry.hub.download import MODEL_FILES, complete_snapshot, fetch, is_hub_id
+from foundry.hub.run_dir import latest_checkpoint
+from foundry.hub.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors,
+                                 weight_files, write_tensors)
 from foundry.model import Transformer
-from foundry.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors, weight_files,
-                             write_tensors)
 
 # Files written beside the weights that describe the tokenizer; `export` copies them as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -131,7 +132,7 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.eval()
     tokenizer = None
     if with_tokenizer and (model_dir / "tokenizer.json").is_file():
-        from foundry.tokenizer import Tokenizer
+        from foundry.tokenizer import Tokenizer  # tokenizers is imported only when a model has one
 
         tokenizer = Tokenizer.load(model_dir)
     return LoadedModel(model, config, model_dir, tokenizer,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rich.console import Console
 from rich.table import Table
 
-from foundry.config import ModelConfig, human_bytes, human_count, resolve_model_source
+from foundry.config import ModelConfig
+from foundry.core.units import human_bytes, human_count
+from foundry.cli.parsing import add_verb
+from foundry.hub import resolve_model_source
 
 
 def info_rows(config: ModelConfig, seq_len: int) -> list[tuple[str, str]]:
@@ -42,3 +47,13 @@ def show_info(spec: str, seq_len: int | None = None) -> None:
     for label, value in info_rows(config, seq):
         table.add_row(label, value)
     Console().print(table)
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    show_info(args.model)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `info` verb."""
+    p = add_verb(sub, "info", _cmd_info, "Parameters, training FLOPs per token and weight memory of a model.")
+    p.add_argument("model", help="preset name, config YAML/JSON, model directory or run directory")

@@ -18,8 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from foundry.config import ModelConfig
-from foundry.errors import UserError
-from foundry.files import fsync_dir, write_json
+from foundry.core.errors import UserError
+from foundry.core.files import fsync_dir, write_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -1,7 +1,7 @@
 """The open model families: how each spells its config.json, and the ModelConfig switches it sets.
 
-Torch-free: config.py (and through it the planner) reads config.json files with it. How each family names
-its weights is in foundry.weights.
+Torch-free: ModelConfig (and through it the planner) reads config.json files with it. How each family names
+its weights is in foundry.hub.weights.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from foundry.errors import UserError
+from foundry.core.errors import UserError
 
 if TYPE_CHECKING:
     from foundry.config import ModelConfig

@@ -1,18 +1,17 @@
-"""Model configuration: one dataclass for the open decoder families, its named presets and its arithmetic.
+"""ModelConfig: one dataclass for the shape of every supported decoder family, and its arithmetic.
 
-This module imports nothing from torch: the planner (`plan.py`) runs where torch is not installed.
-How each family spells its config.json lives in `foundry.families`.
+Torch-free: the planner runs where torch is not installed. How each family spells its config.json
+lives in `foundry.config.families`; the named presets in `foundry.config.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from foundry.errors import UserError
+from foundry.config import families
+from foundry.core.errors import UserError
 
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
@@ -42,7 +41,7 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int | None = None
-    # Family switches. The defaults are Llama's; foundry.families sets them from a config.json.
+    # Family switches. The defaults are Llama's; foundry.config.families sets them from a config.json.
     hidden_act: str = "silu"  # MLP activation, one of ACTIVATIONS (gelu_new = gelu_pytorch_tanh)
     mlp_gated: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (GPT-2)
     attention_out_bias: bool | None = None  # o_proj bias; None: as attention_bias (Qwen2 biases q/k/v only)
@@ -113,9 +112,7 @@ class ModelConfig:
                 raise UserError("model config: layer_types has sliding_attention layers but sliding_window is not set")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise UserError(f"model config: sliding_window must be a positive integer, got {self.sliding_window!r}")
-        from foundry.families import check_expressible
-
-        check_expressible(self)  # the architecture must be able to say every switch in its config.json
+        families.check_expressible(self)  # the architecture must be able to say every switch in its config.json
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(
                 f"model config: num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
@@ -197,48 +194,25 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json contents in the Hugging Face schema of this config's architecture."""
-        from foundry.families import to_hf_dict
-
-        return to_hf_dict(self)
+        return families.to_hf_dict(self)
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """Read a Hugging Face config.json dict (transformers 4 and 5 spellings, every supported family)."""
-        from foundry.families import from_hf_dict
-
-        return cls(**from_hf_dict(raw))
+        return cls(**families.from_hf_dict(raw))
 
     # ---- files --------------------------------------------------------------------------
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        """Load a YAML file of ModelConfig fields, or a Hugging Face config.json."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UserError(f"cannot read model config {path}: {exc.strerror}") from None
-        if path.suffix == ".json":
-            return cls.from_hf_dict(json.loads(text))
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of ModelConfig fields")
-        if "preset" in data:
-            base = preset(data.pop("preset"))
-            return base.replace(**data)
-        return cls(**_checked_fields(cls, data, str(path)))
-
     def replace(self, **changes: Any) -> "ModelConfig":
-        _checked_fields(type(self), changes, "override")
+        checked_fields(type(self), changes, "override")
         return dataclasses.replace(self, **changes)
 
 
-def _checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data`, after checking that every key is a field of the dataclass `cls`."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -246,102 +220,4 @@ def _checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, An
     return data
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-
-# Named presets. The Llama 3 shapes are the published ones (Meta's config.json files).
-PRESETS: dict[str, ModelConfig] = {
-    # ~1.3M parameters: the test model.
-    "tiny": ModelConfig(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=384, max_position_embeddings=1024,
-                        tie_word_embeddings=True),
-    # ~5M parameters: the demo model, trains visibly in minutes on two CPU cores.
-    "mini": ModelConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=768, max_position_embeddings=1024,
-                        tie_word_embeddings=True),
-    # ~15.7M parameters: the benchmark model of ENVIRONMENT.md.
-    "small": ModelConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                         num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=2048),
-    "llama3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
-                               rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072,
-                               tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-    "llama3.2-3b": ModelConfig(vocab_size=128256, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
-                               num_key_value_heads=8, head_dim=128, intermediate_size=8192, rope_theta=500000.0,
-                               rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072,
-                               tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0,
-                             max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
-    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-                              num_key_value_heads=8, intermediate_size=28672, rope_theta=500000.0,
-                              max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
-    "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
-                               num_key_value_heads=8, intermediate_size=53248, rope_theta=500000.0,
-                               rope_scaling=dict(_LLAMA3_ROPE), max_position_embeddings=131072,
-                               bos_token_id=128000, eos_token_id=128001),
-}
-
-
-def preset(name: str) -> ModelConfig:
-    """A fresh copy of a named preset."""
-    if name not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
-
-
-LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None if it has none."""
-    pointer = run_dir / LATEST
-    if not pointer.is_file():
-        return None
-    ckpt = run_dir / pointer.read_text().strip()
-    return ckpt if (ckpt / "config.json").is_file() else None
-
-
-def resolve_model_source(spec: str | Path) -> tuple[ModelConfig, Path | None]:
-    """(config, model directory or None) for a preset, a config file, a model directory, a run directory or a
-    Hub id."""
-    if isinstance(spec, str) and spec in PRESETS:
-        return preset(spec), None
-    path = Path(spec)
-    if path.is_file():
-        return ModelConfig.from_file(path), None
-    if path.is_dir() and not (path / "config.json").is_file():
-        path = latest_checkpoint(path) or path  # a run directory: its newest checkpoint
-    if (path / "config.json").is_file():
-        return ModelConfig.from_file(path / "config.json"), path
-    from foundry.hf_hub import fetch, is_hub_id
-
-    hub = ""
-    if not path.exists() and is_hub_id(spec):  # only config.json is fetched; hub.load completes the snapshot
-        try:
-            path = fetch(str(spec), ["config.json"])
-            return ModelConfig.from_file(path / "config.json"), path
-        except UserError as exc:
-            hub = f" ({exc})"
-    raise UserError(f"model {str(spec)!r} is not a preset ({', '.join(PRESETS)}), a config file, "
-                    f"a model directory, a run directory or a Hugging Face Hub id{hub}")
-
-
-def human_count(n: float) -> str:
-    """12_345_678 -> '12.3M'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{1 if n / scale < 100 else 0}f}{unit}"
-    return str(int(n)) if float(n).is_integer() else f"{n:.3g}"
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in binary units: 1.5 GiB."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-__all__ = ["ModelConfig", "PRESETS", "ACTIVATIONS", "ROPE_TYPES", "LAYER_TYPES", "preset", "human_count",
-           "human_bytes"]
+__all__ = ["ModelConfig", "ACTIVATIONS", "ROPE_TYPES", "LAYER_TYPES"]

@@ -1,0 +1,16 @@
+"""Run directories as model specs: a run's `latest` pointer names its newest complete checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LATEST = "latest"  # in a run directory: the name of its newest complete checkpoint
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None if it has none."""
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = run_dir / pointer.read_text().strip()
+    return ckpt if (ckpt / "config.json").is_file() else None
