@@ -76,3 +76,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, corpus, ca
     assert main(["prepare", "--corpus", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data_dir),
                  "--overwrite"]) == 0
     assert snapshot(data_dir) != before
+
+
+@pytest.mark.parametrize("verb", [["prepare"], ["tokenizer", "train"]])
+def test_help_names_what_stdlib_leaves_out(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "`stdlib-all` (all of it)" in text and "pydoc_data" in text and "charmap tables" in text

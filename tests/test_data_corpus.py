@@ -2,7 +2,7 @@
 
 import pytest
 
-from foundry.data.corpus import iter_documents, split_of, stdlib_files
+from foundry.data.corpus import check_sources, corpus_bytes, iter_documents, split_of, stdlib_files
 from foundry.core.errors import UserError
 
 
@@ -86,3 +86,22 @@ def test_stdlib_corpus():
     val = {name for name, _ in docs if split_of(name, 0.05) == "val"}
     assert 0.02 * len(docs) < len(val) < 0.1 * len(docs)
     assert val == {name for name, _ in iter_documents(["stdlib"]) if split_of(name, 0.05) == "val"}
+
+
+def test_stdlib_leaves_out_generated_data_modules_and_stdlib_all_keeps_them():
+    everything = dict(stdlib_files(everything=True))
+    curated = dict(stdlib_files())
+    left_out = set(everything) - set(curated)
+    assert set(curated) <= set(everything)
+    assert {"pydoc_data/topics.py", "encodings/cp437.py", "encodings/mac_roman.py", "encodings/iso8859_1.py",
+            "stringprep.py", "re/_casefix.py", "html/entities.py"} <= left_out
+    assert any(name.startswith("_sysconfigdata_") for name in left_out)
+    # Only generated data goes: codec code (utf_8, idna, the CJK codecs), idlelib and the rest stay.
+    assert {"encodings/utf_8.py", "encodings/idna.py", "encodings/aliases.py", "encodings/big5.py",
+            "idlelib/editor.py", "keyword.py", "token.py"} <= set(curated)
+    charmaps = {n for n in left_out if n.startswith("encodings/")}
+    assert len(charmaps) > 50
+    assert all(b"Python Character Mapping Codec" in everything[n].read_bytes()[:200] for n in charmaps)
+    assert not any(b"with gencodec.py" in path.read_bytes()[:300] for path in curated.values())
+    assert check_sources(["stdlib-all", "stdlib"]) == ["stdlib-all", "stdlib"]
+    assert corpus_bytes(["stdlib-all"]) - corpus_bytes(["stdlib"]) == sum(everything[n].stat().st_size for n in left_out)

@@ -118,3 +118,18 @@ def test_eval_batches_cover_the_split_in_order(shards):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, eval_batches(val, 3, 10)))
     with pytest.raises(UserError, match="too long"):
         next(eval_batches(val, 1, len(val)))
+
+
+def test_a_sample_of_eval_batches_is_fixed_and_spread_over_the_split(shards):
+    """With max_batches, the same windows at every call, evenly spaced from the split's start to its end."""
+    train, _ = shards
+    count = (len(train) - 1) // 10
+    sample = list(eval_batches(train, 3, 10, max_batches=2))
+    again = list(eval_batches(train, 3, 10, max_batches=2))
+    assert [x.shape for x, _ in sample] == [(3, 10), (3, 10)]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(sample, again))
+    starts = [train.read(i * count // 6 * 10, 10).tolist() for i in range(6)]
+    assert torch.cat([x for x, _ in sample]).tolist() == starts
+    assert count // 6 * 5 * 10 > len(train) // 2  # the last window lies in the second half of the split
+    # Asking for at least the whole split gives the whole split.
+    assert sum(len(x) for x, _ in eval_batches(train, 3, 10, max_batches=count)) == count

@@ -16,8 +16,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", nargs="+", required=True, metavar="stdlib|PATH",
-                   help="`stdlib` (the embedded Python standard library), text files, directories or .jsonl files")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="stdlib|stdlib-all|PATH",
+                   help="`stdlib` (the embedded Python standard library without its generated data modules: "
+                        "pydoc_data, the encodings/ charmap tables, _sysconfigdata, stringprep, re/_casefix, "
+                        "html/entities), `stdlib-all` (all of it), text files, directories or .jsonl files")
     p.add_argument("--glob", default="**/*", help="files to read inside directories (default **/*)")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default text)")
 
@@ -32,7 +34,8 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     _add_corpus_flags(t)
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
     t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer already in --out (all its files as one set, never a mix)")
 
 
 # ---- prepare ----------------------------------------------------------------------------

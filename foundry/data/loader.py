@@ -92,19 +92,25 @@ class BatchLoader:
 
 def eval_batches(shards: TokenShards, batch_size: int, seq_len: int,
                  max_batches: int | None = None) -> Iterator[Batch]:
-    """The split in order, unshuffled, as (x, y) batches for perplexity; the last batch may be smaller."""
-    # Windows overlap by one token so that every token but the first is a target exactly once.
+    """The split as (x, y) batches for perplexity, in stream order; the last batch may be smaller.
+
+    The split is cut into windows of seq_len targets (overlapping by one token, so every token but the
+    first is a target exactly once). All of them by default; with `max_batches`, a fixed sample of
+    max_batches * batch_size windows spread evenly over the whole split, the same at every call."""
     if batch_size < 1 or seq_len < 1:
         raise UserError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
     count = (len(shards) - 1) // seq_len
     if count == 0:
         raise UserError(f"sequence length {seq_len} is too long for {shards.dir} ({shards.split}: "
                         f"{len(shards):,} tokens); lower the sequence length or prepare more data")
-    for b, first in enumerate(range(0, count, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
-        windows = range(first, min(first + batch_size, count))
-        rows = np.stack([shards.read(i * seq_len, seq_len + 1) for i in windows])
+    windows = range(count)
+    if max_batches is not None and max_batches * batch_size < count:
+        # Window i * count // n for i < n: evenly spaced from the split's start to its end, so a sample
+        # sees every part of the split (its files are in name order) rather than only the first ones.
+        n = max(max_batches, 0) * batch_size
+        windows = [i * count // n for i in range(n)]
+    for first in range(0, len(windows), batch_size):
+        rows = np.stack([shards.read(i * seq_len, seq_len + 1) for i in windows[first:first + batch_size]])
         tokens = torch.from_numpy(rows)
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 

@@ -1,7 +1,13 @@
 """Token shards: a corpus tokenized once into flat binary files, memory-mapped for training.
 
 A data directory holds train_00000.bin, ..., val_00000.bin, ... (raw little-endian uint16 or
-uint32 token ids, each document followed by the separator token) and meta.json describing them.
+uint32 token ids, each document followed by the separator token), meta.json describing them, the
+tokenizer/ they were made with and cache/ (digests verified once, see foundry.data.cache).
+
+prepare builds the directory as `.NAME.prepare-PID` beside it and swaps it into place in one step
+(renameat2 RENAME_EXCHANGE); where the system cannot, in two renames, and a reader that finds the
+old directory moved aside and no new one in place finishes the swap (recover). Staging directories of
+killed runs are removed by the next prepare into the same place.
 """
 
 from __future__ import annotations
@@ -11,20 +17,22 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from foundry.data.corpus import STDLIB, check_sources, corpus_bytes, iter_documents, split_of, unit_hash
+from foundry.core import staging as stage
 from foundry.core.errors import UserError
-from foundry.core.files import atomic_dir, write_json
+from foundry.core.files import fsync_dir, write_json
+from foundry.data import cache
+from foundry.data.corpus import BUILTIN, check_sources, corpus_bytes, iter_documents, split_of, unit_hash
 from foundry.tokenizer import ENDOFTEXT, Tokenizer
 
 FORMAT = "foundry-token-shards"
 VERSION = 1
 SPLITS = ("train", "val")
+VERIFIED = "verified"  # cache of {file: [sha256, size, mtime_ns, ctime_ns]} for shards whose digest matched
 # Characters of text handed to one encode_batch call: large enough to keep the Rust threads busy,
 # small enough that a corpus of any size streams through in bounded memory.
 _BATCH_CHARS = 2 << 20
@@ -86,6 +94,7 @@ def prepare(sources: list[str], tokenizer: Tokenizer | str | Path, out_dir: str 
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise UserError(f"shard size must be positive, got {shard_tokens}")
+    recover(out_dir)  # a data dir whose replacement was killed half-way counts as there
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -99,9 +108,13 @@ def prepare(sources: list[str], tokenizer: Tokenizer | str | Path, out_dir: str 
 
     dtype = token_dtype(tokenizer.vocab_size)
     target = out_dir.resolve()  # a name to build beside, even for `--out .`
-    staging = target.with_name(f".{target.name}.prepare-{os.getpid()}")
-    with atomic_dir(staging) as tmp:
-        writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in SPLITS}
+    for path, _ in stage.abandoned(target, "prepare") + stage.abandoned(target, "old"):
+        stage.remove(path)  # left by a prepare that was killed
+    staging = stage.staging_path(target, "prepare")
+    stage.remove(staging)
+    staging.mkdir(parents=True)
+    try:
+        writers = {split: _ShardWriter(staging, split, shard_tokens) for split in SPLITS}
         router = _SplitRouter(writers, val_fraction)
         _stream(sources, tokenizer, router, separator, dtype, glob, field, progress)
         fallback = router.finish()
@@ -114,17 +127,31 @@ def prepare(sources: list[str], tokenizer: Tokenizer | str | Path, out_dir: str 
             "tokenizer_fingerprint": tokenizer.fingerprint, "separator_id": separator,
             "sources": [str(s) for s in sources], "glob": glob, "field": field, "val_fraction": val_fraction,
             # The stdlib differs between Python versions; record which one was read.
-            "python": platform.python_version() if STDLIB in sources else None,
+            "python": platform.python_version() if set(BUILTIN) & set(sources) else None,
             "val_fallback_document": fallback,
             "tokens": {s: w.tokens for s, w in writers.items()},
             "documents": {s: w.documents for s, w in writers.items()},
             "shards": shards,
         }
         # A copy of the tokenizer travels with its data, so training finds the matching one by default.
-        tokenizer.save(tmp / "tokenizer")
-        write_json(tmp / "meta.json", meta)
+        tokenizer.save(staging / "tokenizer")
+        for shard in shards:
+            _fsync(staging / shard["file"])
+        # The digests were taken as the bytes were written: the first training run need not re-hash.
+        cache.write(staging, VERIFIED, {shard["file"]: [shard["sha256"], *cache.file_key(staging / shard["file"])]
+                                    for shard in shards})
+        write_json(staging / "meta.json", meta)
+        fsync_dir(staging)
+    except BaseException:
+        stage.remove(staging)
+        raise
     _install(staging, target)
     return meta
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 class _SplitRouter:
@@ -197,14 +224,36 @@ def _stream(sources: list[str], tokenizer: Tokenizer, router: _SplitRouter, sepa
 
 
 def _install(staging: Path, out_dir: Path) -> None:
-    """Move a complete data dir into place; an old one is removed only after the swap."""
+    """Move a complete data dir into place; at every instant a complete data dir (old or new) is there."""
     if not out_dir.exists():
         os.replace(staging, out_dir)
+        fsync_dir(out_dir.parent)
         return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if stage.exchange(staging, out_dir):  # one step: the old data now sits under the staging name
+        fsync_dir(out_dir.parent)
+        stage.remove(staging)
+        return
+    # Without an atomic exchange, two renames; a crash between them leaves `.NAME.old-PID` and no NAME,
+    # which recover() mends before anything reads the directory.
+    old = stage.staging_path(out_dir, "old")
     os.replace(out_dir, old)
     os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out_dir.parent)
+    stage.remove(old)
+
+
+def recover(data_dir: str | Path) -> None:
+    """Finish the swap of a prepare --overwrite killed between its two renames (no-op otherwise)."""
+    target = Path(data_dir).resolve()
+    if target.exists():
+        return
+    for old, pid in stage.abandoned(target, "old"):
+        new = stage.staging_path(target, "prepare", pid)
+        # The old data was moved aside only once the new data was complete: put the new one in place.
+        os.replace(new if new.is_dir() else old, target)
+        fsync_dir(target.parent)
+        stage.remove(old)
+        return
 
 
 def summary(meta: dict[str, Any], out_dir: str | Path) -> str:
@@ -222,6 +271,8 @@ def summary(meta: dict[str, Any], out_dir: str | Path) -> str:
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared data dir, checked for format and version."""
     path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        recover(data_dir)
     if not path.is_file():
         raise UserError(f"{data_dir} is not a prepared data directory (no meta.json); "
                         "create one with `foundry prepare`")
@@ -264,14 +315,25 @@ class TokenShards:
             raise UserError(f"{self.dir} has no {split} tokens{hint}; re-run `foundry prepare`")
         self.dtype = np.dtype(self.meta["dtype"])
         self._arrays: list[np.ndarray] = []
+        self.file_keys: dict[str, list[int]] = {}
+        verified = cache.read(self.dir, VERIFIED) if verify else {}
+        newly_verified = {}
         for shard in shards:
             path = self.dir / shard["file"]
             expected = shard["tokens"] * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 raise UserError(f"shard {path} is missing or has the wrong size; re-run `foundry prepare`")
-            if verify and _sha256(path) != shard["sha256"]:
-                raise UserError(f"shard {path} is corrupt (sha256 mismatch); re-run `foundry prepare`")
+            key = cache.file_key(path)
+            # A digest checked before holds while the file's size and times are those it was checked at.
+            if verify and verified.get(shard["file"]) != [shard["sha256"], *key]:
+                if _sha256(path) != shard["sha256"]:
+                    raise UserError(f"shard {path} is corrupt (sha256 mismatch); re-run `foundry prepare`")
+                if cache.file_key(path) == key:  # unchanged while it was being read
+                    newly_verified[shard["file"]] = [shard["sha256"], *key]
+            self.file_keys[shard["file"]] = key
             self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
+        if newly_verified:
+            cache.write(self.dir, VERIFIED, {**cache.read(self.dir, VERIFIED), **newly_verified})
         self._starts = np.cumsum([0] + [len(a) for a in self._arrays]).tolist()
 
     def __len__(self) -> int:

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
 from foundry.core.errors import UserError
-from foundry.core.files import atomic_file, write_json
+from foundry.tokenizer import chat_template
+from foundry.tokenizer import files as tokenizer_files
 
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
@@ -100,6 +97,7 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         folder = file.parent
+        tokenizer_files.finish_update(folder)  # a save that a crash interrupted after its commit point
         if not file.is_file():
             hint = (" (only tokenizer.json is supported, not sentencepiece tokenizer.model)"
                     if (folder / "tokenizer.model").exists() else "")
@@ -123,11 +121,9 @@ class Tokenizer:
         return cls(backend, config, template)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json atomically."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (and chat_template.jinja
+        where the directory has one) as one set: a crash leaves all old or all new files (see files.py)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_file(directory / "tokenizer.json", "w") as handle:
-            handle.write(self._backend.to_str(pretty=True))
         config = dict(self.config)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.setdefault("added_tokens_decoder", {
@@ -136,19 +132,24 @@ class Tokenizer:
             for i, t in sorted(self._backend.get_added_tokens_decoder().items())})
         if self.chat_template is not None and not isinstance(config.get("chat_template"), list):
             config["chat_template"] = self.chat_template
-        write_json(directory / "tokenizer_config.json", config)
-        write_json(directory / "special_tokens_map.json",
-                   {key: config[key] for key in _NAMED_SPECIALS if config.get(key) is not None})
-        if (directory / "chat_template.jinja").exists() and self.chat_template is not None:
+        files: dict[str, str | None] = {
+            "tokenizer.json": self._backend.to_str(pretty=True),
+            "tokenizer_config.json": _json_text(config),
+            "special_tokens_map.json": _json_text({key: config[key] for key in _NAMED_SPECIALS
+                                                   if config.get(key) is not None}),
+        }
+        if (directory / "chat_template.jinja").exists():
             # transformers reads this file before the config: keep the two from disagreeing.
-            with atomic_file(directory / "chat_template.jinja", "w") as handle:
-                handle.write(self.chat_template)
+            files["chat_template.jinja"] = self.chat_template
+        tokenizer_files.write_set(directory, files)
 
     # ---- ids ----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; add_special_tokens runs the post-processor (e.g. Llama 3's bos)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; add_special_tokens runs the post-processor (e.g. Llama 3's bos);
+        split_special_tokens reads "<|...|>" as text (for text from a user, e.g. a plain-format chat)."""
+        backend = self._text_only_backend if split_special_tokens else self._backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False,
                      split_special_tokens: bool = False) -> list[list[int]]:
@@ -227,6 +228,57 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                             **variables: Any) -> str:
         """Render a conversation with the chat template, as transformers' apply_chat_template(tokenize=False)."""
+        messages, context = self._chat_inputs(messages, variables)
+        return chat_template.render(self.chat_template, messages, add_generation_prompt, context)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                    **variables: Any) -> list[int]:
+        """Ids of the rendered conversation in which only the template's markup becomes special tokens.
+
+        The text is apply_chat_template's; a special token's text inside a message (`<|im_end|>` typed by
+        a user) is encoded as plain text, so no message can forge a turn. Without such text the ids are
+        exactly those of encoding the rendered text (transformers' apply_chat_template(tokenize=True)).
+        A special token's text in a role, a name, a tool call or a tool definition is refused."""
+        messages, context = self._chat_inputs(messages, variables)
+        specials = self._special_tokens
+        fields = chat_template.non_text_fields(messages)
+        # tools, documents and the like come from the caller's user as much as messages do.
+        caller = {key: value for key, value in variables.items() if key not in _NAMED_SPECIALS}
+        for where, value in (*fields, *chat_template.other_strings(caller, "variables")):
+            found = _special_in(value, specials)
+            if found:
+                raise UserError(f"chat {where} contains the special token {found!r}; only message text may "
+                                "hold special-token text (it is encoded as plain text)")
+        text = chat_template.render(self.chat_template, messages, add_generation_prompt, context)
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        marked = chat_template.mark_messages(messages)
+        spans = None if marked is None else chat_template.content_spans(
+            chat_template.render(self.chat_template, marked, add_generation_prompt, context), text)
+        if spans is None:
+            # The template changed message text on its way out (or a text holds a sentinel): its place in
+            # the rendered text is unknown, so message text must be free of special tokens to be safe.
+            for message_text in chat_template.message_texts(messages):
+                found = _special_in(message_text, specials)
+                if found:
+                    raise UserError(f"a message contains the special token {found!r}, which cannot be kept plain "
+                                    "text here (this chat template rewrites message text, or the message holds "
+                                    "U+FDD0/U+FDD1); remove it")
+            return encoding.ids
+        markup, forged = [], False
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token_id in specials:
+                # The offsets of an lstrip/rstrip token include the whitespace it eats: find its own text.
+                own = text.find(specials[token_id], start, max(end, start + len(specials[token_id])))
+                if own >= 0:
+                    start, end = own, own + len(specials[token_id])
+                if chat_template.overlaps(start, end, spans):
+                    forged = True
+                else:
+                    markup.append((start, end, token_id))
+        return self._encode_markup_only(text, markup) if forged else encoding.ids
+
+    def _chat_inputs(self, messages: list[dict[str, Any]], variables: dict[str, Any]
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template; add one to tokenizer_config.json")
         if not messages:
@@ -238,11 +290,42 @@ class Tokenizer:
         context.update(variables)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
-        try:
-            return _compile(self.chat_template).render(messages=messages,
-                                                       add_generation_prompt=add_generation_prompt, **context)
-        except jinja2.TemplateError as exc:
-            raise UserError(f"chat template: {exc}") from None
+        return messages, context
+
+    def _encode_markup_only(self, text: str, markup: list[tuple[int, int, int]]) -> list[int]:
+        """Encode `text` with only the special tokens at `markup` ((start, end, id) spans) read as specials.
+
+        Each markup token is swapped for its stand-in, a non-special added token of a copy of the backend
+        that reads every special token as text; the copy splits the text exactly where the original does,
+        so the pieces in between tokenize as they would in a plain encode."""
+        backend, stand_ins = self._markup_backend
+        used = set(stand_ins.values())
+        if any(ch in used for ch in text):
+            raise UserError("a message contains a private-use character (plane 16) that foundry reserves "
+                            "for encoding chat turns; remove it")
+        pieces, position = [], 0
+        for start, end, token_id in markup:
+            pieces += [text[position:start], stand_ins[token_id]]
+            position = end
+        pieces.append(text[position:])
+        back = {backend.token_to_id(ch): token_id for token_id, ch in stand_ins.items()}
+        return [back.get(i, i) for i in backend.encode("".join(pieces), add_special_tokens=False).ids]
+
+    @cached_property
+    def _special_tokens(self) -> dict[int, str]:
+        """id -> text of the vocabulary's special added tokens (those split_special_tokens reads as text)."""
+        return {i: t.content for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def _markup_backend(self) -> tuple[Backend, dict[int, str]]:
+        backend = Backend.from_str(self._backend.to_str())
+        backend.encode_special_tokens = True
+        decoder = self._backend.get_added_tokens_decoder()
+        stand_ins = {i: chr(chat_template.PLACEHOLDER_BASE + k) for k, i in enumerate(sorted(self._special_tokens))}
+        backend.add_tokens([AddedToken(stand_ins[i], special=False, normalized=False, lstrip=decoder[i].lstrip,
+                                       rstrip=decoder[i].rstrip, single_word=decoder[i].single_word)
+                            for i in sorted(stand_ins)])
+        return backend, stand_ins
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.special_token('eos_token')!r})"
@@ -269,48 +352,22 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _json_text(data: Any) -> str:
+    # As foundry.core.files.write_json lays JSON out.
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _special_in(text: str, specials: dict[int, str]) -> str | None:
+    """The first special token whose text occurs in `text`, if any."""
+    return next((token for token in specials.values() if token in text), None)
+
+
 def _pick_template(value: Any) -> str | None:
     """chat_template is a string or a list of {"name", "template"}; the one named "default" wins."""
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default")
     return value if isinstance(value, str) else None
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text in some templates; render its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # jinja's own tojson HTML-escapes; chat templates expect plain json.dumps.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    # Templates come from downloaded checkpoints: untrusted code, hence the immutable sandbox.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as exc:
-        raise UserError(f"chat template does not parse: {exc}") from None
 
 
 __all__ = ["Tokenizer", "SPECIAL_TOKENS", "CHATML_TEMPLATE", "ENDOFTEXT", "IM_START", "IM_END", "PAD"]
