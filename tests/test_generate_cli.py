@@ -6,12 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import json
 
-from foundry.cli import main
+import pytest
+import torch
+
+from foundry.cli import generate, main
+from foundry.infer import device
 from foundry.infer.chat import ChatSession
 from foundry.infer.engine import Engine
 from foundry.infer.sampling import SamplingParams
+from scripted_model import BigramModel, ascii_tokenizer, chain
 from test_infer import build_model_dir
 
 SAMPLING = ["--temperature", "0", "--max-new-tokens", "12"]
@@ -52,6 +57,82 @@ def test_generate_reads_the_prompt_from_stdin(model_dir, capsys, monkeypatch):
     assert capsys.readouterr().out == expected.text + "\n"
 
 
+def _records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_prompts_file_is_batched_and_printed_as_json_lines(model_dir, tmp_path, capsys):
+    prompts = ["def load(", "The model directory", "x"]
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts[0] + "\n\n" + prompts[1] + "\n" + prompts[2] + "\n")  # a blank line is skipped
+    assert main(["generate", str(model_dir), "--prompts-file", str(path), "--json", *SAMPLING]) == 0
+    out, err = capsys.readouterr()
+    records = _records(out)
+    expected = Engine.load(model_dir).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    assert [r["index"] for r in records] == [0, 1, 2] and [r["prompt"] for r in records] == prompts
+    for r, c in zip(records, expected):
+        assert (r["text"], r["finish_reason"], r["prompt_tokens"], r["completion_tokens"]) == (
+            c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
+        assert 0 < r["time_to_first_token_s"] <= r["seconds"]
+        assert r["tokens_per_s"] == pytest.approx(r["completion_tokens"] / r["seconds"], rel=1e-3)
+    assert "3 prompt(s)" in err
+
+
+def test_prompts_file_dash_reads_one_prompt_a_line_from_stdin(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond one\n"))
+    assert main(["generate", str(model_dir), "--prompts-file", "-", "--prompt", "zero", "--json", *SAMPLING]) == 0
+    assert [r["prompt"] for r in _records(capsys.readouterr().out)] == ["zero", "first", "second one"]
+
+
+def _scripted(monkeypatch, text: str) -> None:
+    """Make every Engine.load return an engine whose greedy output is `text`'s tokens after the prompt "x"."""
+    tok = ascii_tokenizer()
+    model = BigramModel(tok.vocab_size, chain(tok, "x", text), default=tok.eos_id)
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: Engine(model, tok)))
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_character_cut_by_max_new_tokens_is_dropped(model_dir, capsys, monkeypatch, as_json):
+    _scripted(monkeypatch, "a🎉b")  # after "a", the emoji's four byte tokens
+    args = ["generate", str(model_dir), "--prompt", "x", "--temperature", "0", "--max-new-tokens", "3"]
+    assert main(args + (["--json"] if as_json else [])) == 0
+    out = capsys.readouterr().out
+    assert "\ufffd" not in out
+    if as_json:
+        [record] = _records(out)
+        assert (record["text"], record["finish_reason"], record["completion_tokens"]) == ("a", "length", 3)
+    else:
+        assert out == "a\n"
+
+
+def test_dtype_bf16_runs_the_model_in_bf16(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert main(["generate", str(model_dir), "--prompt", "def load(", "--dtype", "bf16", "--device", "cpu",
+                 "--json", *SAMPLING]) == 0
+    out, err = capsys.readouterr()
+    expected = Engine.load(model_dir, dtype=torch.bfloat16).generate(["def load("], SamplingParams(
+        temperature=0, max_new_tokens=12))[0]
+    assert _records(out)[0]["text"] == expected.text
+    assert "(bfloat16)" in err and "warning" not in err
+
+
+def test_dtype_bf16_on_a_cpu_without_bf16_warns(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert main(["generate", str(model_dir), "--prompt", "x", "--dtype", "bf16", "--device", "cpu", *SAMPLING]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --dtype bf16: this CPU has no bf16 instructions" in err and "(bfloat16)" in err
+
+
+def test_device_auto_is_the_default_and_picks_the_cpu_without_a_gpu(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", str(model_dir), "--prompt", "x", *SAMPLING]) == 0
+    assert "on cpu (float32)" in capsys.readouterr().err  # auto: fp32 on a CPU
+
+
+def test_dtype_choices_match_the_engine_side():
+    assert generate.DTYPE_CHOICES == device.DTYPE_CHOICES
+
+
 def test_chat_over_piped_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n/reset\nhello\n/exit\nnever read\n"))
     assert main(["chat", str(model_dir), "--system", "be brief", *SAMPLING]) == 0
@@ -86,12 +167,20 @@ def test_chat_in_a_real_pipe(model_dir):
     (["generate", "{model}", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "{model}", "--prompt", ""], "empty"),
     (["generate", "{model}", "--prompt", "x " * 200], "context"),
+    (["generate", "{model}", "--prompts-file", "{missing}"], "cannot read"),
+    (["generate", "{model}", "--prompts-file", "{empty}"], "holds no prompts"),
+    (["generate", "{model}", "--prompt", "x", "--device", "cuda"], "no CUDA GPU"),
+    (["generate", "{model}", "--prompt", "x", "--device", "tpu"], "not a device"),
+    (["generate", "{model}", "--prompt", "x", "--device", "cpu", "--dtype", "fp16"], "fp16"),
+    (["generate", "{model}"], "give at least one --prompt"),
     (["chat", "{missing}"], "not found"),
     (["chat", "{model}", "--top-k", "-2"], "top_k"),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    args = [a.format(model=model_dir, missing=tmp_path / "nope") for a in args]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no CUDA" holds on a GPU machine too
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = [a.format(model=model_dir, missing=tmp_path / "nope", empty=tmp_path / "empty.txt") for a in args]
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and needle in err

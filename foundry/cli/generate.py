@@ -1,43 +1,95 @@
-"""`foundry generate` and `foundry chat`: prompts from flags or stdin, completions streamed to the terminal."""
+"""`foundry generate` and `foundry chat`: prompts from flags, a file or stdin; completions as text or JSON Lines."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from typing import TextIO
-
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
 from foundry.cli.parsing import add_verb
 from foundry.core.errors import UserError
 
 if TYPE_CHECKING:  # imported when a verb runs: `foundry --help` needs no torch
-    from foundry.infer.engine import Engine
+    from foundry.infer.engine import Completion, Engine
     from foundry.infer.sampling import SamplingParams
 
 CHAT_HELP = "type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) quits"
+# Mirrors foundry.infer.device (importing it here would import torch for `foundry --help`).
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-def _engine(model: str, device: str, compile: bool) -> "Engine":
+def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str = "auto",
+            err: TextIO | None = None) -> "Engine":
+    import torch
+
+    from foundry import hub
+    from foundry.cli.info import checkpoint_dtype
+    from foundry.infer.device import resolve_device, resolve_dtype
     from foundry.infer.engine import Engine
 
-    engine = Engine.load(model, device=device, compile=compile)
+    where = resolve_device(device)
+    model_dir = hub.resolve_model_dir(model)  # a run directory's newest checkpoint, a Hub download
+    stored = getattr(torch, checkpoint_dtype(model_dir) or "", None)
+    run_dtype, warning = resolve_dtype(dtype, where, stored if isinstance(stored, torch.dtype) else None)
+    if warning:
+        (err or sys.stderr).write(f"warning: {warning}\n")
+    engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile)
     if engine.tokenizer is None:
         raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
     return engine
 
 
-def run_generate(model: str, prompts: list[str], params: SamplingParams, device: str = "cpu",
-                 compile: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """Complete each prompt: one prompt streams to `out`, several print one after another."""
+def read_prompts(path: str, stdin: TextIO | None = None) -> list[str]:
+    """The prompts of a prompts file, one a line ("-": stdin); blank lines are skipped."""
+    if path == "-":
+        text = (stdin or sys.stdin).read()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--prompts-file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts-file {path} holds no prompts: write one prompt a line")
+    return prompts
+
+
+def completion_record(index: int, prompt: str, c: "Completion") -> dict:
+    """The JSON Lines object of one completion."""
+    return {"index": index, "prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "time_to_first_token_s": round(c.time_to_first_token, 6), "seconds": round(c.seconds, 6),
+            "tokens_per_s": round(c.tokens_per_second, 3)}
+
+
+def _in_prompt_order(deltas: Iterable) -> Iterator[tuple[int, "Completion"]]:
+    """(index, completion) in prompt order, each as soon as it and every earlier one have finished."""
+    done: dict[int, "Completion"] = {}
+    following = 0
+    for delta in deltas:
+        if delta.completion is None:
+            continue
+        done[delta.index] = delta.completion
+        while following in done:
+            yield following, done.pop(following)
+            following += 1
+
+
+def run_generate(model: str, prompts: list[str], params: SamplingParams, device: str = "auto",
+                 compile: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+                 dtype: str = "auto", as_json: bool = False) -> None:
+    """Complete the prompts in batches through one engine: one prompt streams to `out`, several print in order;
+    as_json writes one JSON object a prompt (JSON Lines)."""
     out, err = out or sys.stdout, err or sys.stderr  # looked up now, so redirections made later apply
     if not prompts:
-        raise UserError("give at least one --prompt (or pipe the prompt on stdin)")
-    engine = _engine(model, device, compile)
+        raise UserError("give at least one --prompt or --prompts-file (or pipe the prompt on stdin)")
+    engine = _engine(model, device, compile, dtype, err)
     start = time.perf_counter()
-    if len(prompts) == 1:
-        completions = []
+    completions = []
+    if len(prompts) == 1 and not as_json:
         for delta in engine.stream(prompts, params):
             out.write(delta.text)
             out.flush()
@@ -45,24 +97,31 @@ def run_generate(model: str, prompts: list[str], params: SamplingParams, device:
                 completions.append(delta.completion)
         out.write("\n")
     else:
-        completions = engine.generate(prompts, params)
-        for i, (prompt, c) in enumerate(zip(prompts, completions), 1):
-            first_line = prompt.splitlines()[0] if prompt.strip() else ""
-            out.write(f"--- {i}/{len(prompts)}: {first_line[:60]}\n{c.text}\n")
+        for i, c in _in_prompt_order(engine.stream(prompts, params)):
+            completions.append(c)
+            if as_json:
+                out.write(json.dumps(completion_record(i, prompts[i], c), ensure_ascii=False) + "\n")
+            else:
+                first_line = prompts[i].splitlines()[0] if prompts[i].strip() else ""
+                out.write(f"--- {i + 1}/{len(prompts)}: {first_line[:60]}\n{c.text}\n")
+            out.flush()
     seconds = time.perf_counter() - start
     tokens = sum(c.completion_tokens for c in completions)
     reasons = ", ".join(sorted({c.finish_reason for c in completions}))
-    err.write(f"[{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s; "
+    dtype_name = str(engine.dtype).removeprefix("torch.")
+    err.write(f"[{len(completions)} prompt(s), {tokens} tokens in {seconds:.2f} s, "
+              f"{tokens / max(seconds, 1e-9):.1f} tokens/s on {engine.device} ({dtype_name}); "
               f"finished by {reasons}]\n")
 
 
-def run_chat(model: str, params: SamplingParams, system: str | None = None, device: str = "cpu",
-             compile: bool = False, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
+def run_chat(model: str, params: SamplingParams, system: str | None = None, device: str = "auto",
+             compile: bool = False, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
+             dtype: str = "auto") -> None:
     """An interactive conversation over stdin/stdout, streaming each reply; works with piped input too."""
     from foundry.infer.chat import PLAIN_FORMAT_NOTE, ChatSession
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    session = ChatSession(_engine(model, device, compile), system, params)
+    session = ChatSession(_engine(model, device, compile, dtype, err), system, params)
     interactive = stdin.isatty()
     if not session.templated:
         err.write(f"note: {PLAIN_FORMAT_NOTE}\n")
@@ -107,7 +166,10 @@ def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     # Unset flags stay None so that the model's generation_config.json supplies the default.
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto (fp32 on CPU; on a GPU bf16, or fp16 for an fp16 checkpoint), fp32, bf16 (a warning "
+                        "on a CPU without bf16 instructions; refused on a GPU without bf16), fp16 (GPU only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster tokens after a one-off compile of tens of seconds")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
@@ -121,22 +183,33 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    prompts = args.prompt
-    if not prompts and not sys.stdin.isatty():
-        prompts = [sys.stdin.read()]
-    run_generate(args.model, prompts or [], _sampling_params(args), device=args.device, compile=args.compile)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    elif not prompts and not sys.stdin.isatty():
+        text = sys.stdin.read()  # piped text is one prompt (a whole file of code, say)
+        prompts = [text] if text.strip() else []
+    run_generate(args.model, prompts, _sampling_params(args), device=args.device, compile=args.compile,
+                 dtype=args.dtype, as_json=args.json)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = add_verb(sub, "generate", _cmd_generate, "Complete prompts with a model (one prompt streams as it goes).")
-    p.add_argument("model", help="model directory or run directory")
+    p = add_verb(sub, "generate", _cmd_generate, "Complete prompts with a model, batched (one prompt streams as "
+                 "it goes). Prompts come from --prompt, --prompts-file (one a line), or else stdin (all one prompt).")
+    p.add_argument("model", help="model directory, run directory or Hub id")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="text to complete (repeatable; default: read stdin)")
+                   help="text to complete (repeatable; default: read stdin as one prompt)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="one prompt a line, blank lines skipped; '-' reads them from stdin")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object a prompt (JSON Lines, in prompt order): index, prompt, text, "
+                        "finish_reason, prompt_tokens, completion_tokens, time_to_first_token_s, seconds, tokens_per_s")
     _add_sampling_flags(p)
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device, compile=args.compile)
+    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device, compile=args.compile,
+             dtype=args.dtype)
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:

@@ -107,6 +107,9 @@ def _write_phi3(config: "ModelConfig", out: dict[str, Any]) -> None:
     _write_mistral(config, out)
     if config.rope_scaling:  # transformers 4 reads the legacy `type` key of Phi-3's rope_scaling
         out["rope_scaling"] = {**config.rope_scaling, "type": config.rope_scaling["rope_type"]}
+        original = config.rope_scaling.get("original_max_position_embeddings")
+        if original is not None:  # transformers reads it at the top level (default 4096), not in rope_scaling
+            out["original_max_position_embeddings"] = original
 
 
 def _read_gemma(raw: dict[str, Any], kw: dict[str, Any], pattern: int) -> None:

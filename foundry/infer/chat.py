@@ -27,6 +27,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, li
     return plain_chat(messages), [PLAIN_STOP]
 
 
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    """Prompt ids that ask for the next assistant turn, and the stop strings that format needs.
+
+    Message text never becomes special tokens: a user typing `<|im_end|>` cannot forge a turn. Only the
+    template's own markup is special (and it already holds any bos, so nothing is added)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.encode_chat(messages, add_generation_prompt=True), []
+    return tokenizer.encode(plain_chat(messages), split_special_tokens=True), [PLAIN_STOP]
+
+
 def plain_chat(messages: list[dict[str, Any]]) -> str:
     """The fallback format: a system text, then 'User:' and 'Assistant:' lines, ending in 'Assistant:'."""
     lines = []
@@ -62,9 +72,7 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the assistant's reply; the reply joins the history when done."""
         messages = self.messages + [{"role": "user", "content": text}]
-        prompt, stops = render_chat(self.engine.tokenizer, messages)
-        # The template already wrote any bos/special tokens, so encode it as it is.
-        ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        ids, stops = encode_chat(self.engine.tokenizer, messages)
         params = dataclasses.replace(self.params, stop=self.params.stop + stops)
         parts: list[str] = []
         leading = not self.templated  # the plain format's reply starts after "Assistant:", with a space

@@ -15,7 +15,8 @@ class TextStream:
 
     Decodes only a short window of recent tokens each step (vLLM's prefix/read offsets), holds text
     back while it ends in an incomplete UTF-8 character or could be the start of a stop string, and
-    cuts the text just before a stop string. The concatenated deltas are the final text."""
+    cuts the text just before a stop string. The concatenated deltas are the final text, which never
+    ends in a partial character."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -50,11 +51,14 @@ class TextStream:
         return self._advance(self._new_text(flush=False), final=False)
 
     def finish(self) -> str:
-        """The request ended: return whatever text is still held back (a trailing partial character included)."""
+        """The request ended: return the text still held back, less a character its last tokens left unfinished."""
         if self.stopped:
             return ""
         tail = self._new_text(flush=True) if self.read_offset < len(self.ids) else ""
-        return self._advance(tail, final=True)
+        # A request cut mid-character (by its token budget, a stop token or a full context) ends in the bytes of
+        # part of one, which decode as U+FFFD: drop them rather than show a character the model never wrote.
+        # (A real U+FFFD the model wrote last would go too; no tokenizer API tells the two apart.)
+        return self._advance(tail.rstrip(_REPLACEMENT), final=True)
 
     def _advance(self, new: str, final: bool) -> str:
         self.text += new

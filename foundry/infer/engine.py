@@ -6,7 +6,8 @@ server all come through `Engine`."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -18,6 +19,7 @@ from foundry.infer.prepack import can_prepack, prepack_linears
 from foundry.infer.sampling import SamplingParams, make_generator, sample_next
 from foundry.infer.static_cache import StaticKVCache
 from foundry.model import KVCache, Transformer
+from foundry.model.rope import long_context_threshold
 
 Prompt = str | Sequence[int]
 
@@ -31,6 +33,15 @@ class Completion:
     finish_reason: str  # "stop" (eos, stop id or stop string) or "length" (token budget or context full)
     prompt_tokens: int
     completion_tokens: int
+    # Timings (seconds from the call to generate/stream, so queueing behind earlier batches counts): not
+    # part of what a completion is, so equal completions compare equal whatever the machine's speed.
+    time_to_first_token: float = field(default=0.0, compare=False)
+    seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the request's whole time (prefill included)."""
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -46,8 +57,10 @@ class Request:
     """One prompt on its way through the engine: its settings, its generator and what it produced so far."""
 
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
-                 tokenizer: Any, device: torch.device):
+                 tokenizer: Any, device: torch.device, started: float | None = None):
         self.index = index
+        self.started = time.perf_counter() if started is None else started
+        self.first_token_at: float | None = None
         self.prompt_ids = prompt_ids
         self.params = params
         self.stop_ids = stop_ids | set(params.stop_token_ids)
@@ -58,6 +71,8 @@ class Request:
 
     def add(self, token: int) -> str:
         """Take one generated token; return the text it made safe to show, and decide whether we are done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         self.output.append(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
@@ -72,8 +87,10 @@ class Request:
 
     def completion(self) -> Completion:
         """The finished result."""
+        now = time.perf_counter()
+        first = self.first_token_at if self.first_token_at is not None else now
         return Completion(self.text.text if self.text else "", list(self.output), self.finish_reason or "length",
-                          len(self.prompt_ids), len(self.output))
+                          len(self.prompt_ids), len(self.output), first - self.started, now - self.started)
 
 
 class Engine:
@@ -101,7 +118,19 @@ class Engine:
         # eos from the tokenizer (plus end-of-turn markers), generation_config.json and config.json.
         self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
         self.stop_ids |= _id_set(self.generation_config.get("eos_token_id")) | _id_set(self.config.eos_token_id)
-        self.pad_id = self.generation_config.get("pad_token_id") or getattr(tokenizer, "pad_id", None) or 0
+        self.pad_id = self._pad_id(tokenizer)
+        # LongRoPE (Phi-3): the position at which a sequence outgrows the original context and changes factors.
+        self.long_rope_from = long_context_threshold(self.config)
+
+    def _pad_id(self, tokenizer: Any) -> int:
+        """The id left padding is filled with: generation_config's, config.json's, the tokenizer's, else 0.
+
+        Padding is masked out, so any id in the vocabulary serves; 0 is a real choice, not "unset"."""
+        for candidate in (self.generation_config.get("pad_token_id"), self.config.pad_token_id,
+                          getattr(tokenizer, "pad_id", None)):
+            if isinstance(candidate, int) and 0 <= candidate < self.config.vocab_size:
+                return candidate
+        return 0
 
     @classmethod
     def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -157,6 +186,7 @@ class Engine:
         if len(params) != len(prompts):
             raise UserError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
         context = self.config.max_position_embeddings
+        started = time.perf_counter()
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             ids = self.encode(prompt)
@@ -168,7 +198,7 @@ class Engine:
                 p = dataclasses.replace(p, max_new_tokens=context - len(ids))  # stop when the context is full
             if p.stop and self.tokenizer is None:
                 raise UserError("stop strings need a tokenizer; this model has none")
-            requests.append(Request(i, ids, p, self.stop_ids, self.tokenizer, self.device))
+            requests.append(Request(i, ids, p, self.stop_ids, self.tokenizer, self.device, started))
         return requests
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -220,7 +250,29 @@ class Engine:
                 seen = seen[kept] if seen is not None else None
                 rows = [rows[j] for j in keep]
             logits = self._decode(tokens[:, None], next_pos[:, None], cache, None)
+            if self.long_rope_from is not None:
+                for j in (next_pos == self.long_rope_from).nonzero().flatten().tolist():
+                    logits[j] = self._recompute_long_row(rows[j], j, cache)
             next_pos = next_pos + 1
+
+    def _recompute_long_row(self, request: Request, row: int, cache: KVCache) -> torch.Tensor:
+        """Redo cache row `row` with LongRoPE's long factors, now that its sequence outgrew the original context.
+
+        Its earlier keys were rotated with the short factors; transformers recomputes the whole sequence at
+        this point, and so do we (once per request), so that one sequence gets the same tokens as there.
+        Returns the row's new last logits."""
+        ids = request.prompt_ids + request.output  # every token fed so far, the one just fed included
+        length = cache.length
+        pad = length - len(ids)  # the row's left padding in the shared cache
+        row_ids = torch.tensor([[self.pad_id] * pad + ids], device=self.device)
+        pad_mask = torch.arange(length, device=self.device)[None] >= pad
+        positions = (pad_mask.cumsum(1) - 1).clamp(min=0)
+        fresh = KVCache(self.config, 1, length, self.device, self.dtype)
+        logits = self._logits(row_ids, positions, fresh, pad_mask)
+        for layer in range(self.config.num_hidden_layers):
+            cache.keys[layer][row, :, :length] = fresh.keys[layer][0]
+            cache.values[layer][row, :, :length] = fresh.values[layer][0]
+        return logits[0]
 
 
 def _seen_tokens(requests: list[Request], ids: torch.Tensor, pad_mask: torch.Tensor,

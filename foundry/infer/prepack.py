@@ -40,11 +40,17 @@ def prepack_linears(model: nn.Module, min_elements: int = MIN_PACKED_ELEMENTS) -
     """Replace the model's large nn.Linear layers by PackedLinear, in place; returns how many.
 
     The model is inference-only afterwards (no gradients or state_dict for those layers), so only
-    apply this to a model the caller owns, e.g. one loaded just for serving."""
+    apply this to a model the caller owns, e.g. one loaded just for serving. A weight shared with
+    another module (a head tied to the embedding) stays as it is: packing would copy it, and the
+    embedding lookup needs the plain layout, so the table would sit in memory twice."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.numel() >= min_elements:
+            if (type(child) is nn.Linear and child.weight.numel() >= min_elements
+                    and uses[id(child.weight)] == 1):
                 setattr(module, name, PackedLinear(child))
                 swapped += 1
     return swapped

@@ -58,7 +58,7 @@ def attention_factor(config: ModelConfig, layer_type: str = "full_attention") ->
 
 
 def long_context_threshold(config: ModelConfig) -> int | None:
-    """LongRoPE switches to its long factors once a position reaches this; None for other schemes."""
+    """LongRoPE uses its long factors for a sequence longer than this; None for other schemes."""
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") != "longrope":
         return None
@@ -106,6 +106,7 @@ def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch
                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [B, 1, T, rotary_dim] for integer positions [B, T], computed in fp32, times `scale`.
 
+    inv_freq: [rotary_dim/2], or [B, 1, rotary_dim/2] when rows use different sets (LongRoPE).
     sin comes with the rotation's sign folded in (-sin on the first half) for apply_rotary."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
     cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None]

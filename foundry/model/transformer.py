@@ -85,8 +85,11 @@ class Transformer(nn.Module):
         # (cos, sin) per layer type in use.
         inv_freq = self.inv_freq
         threshold = long_context_threshold(self.config)
-        if threshold is not None:  # LongRoPE picks its factors by the longest position of this call, as HF does
-            inv_freq = torch.where(positions.max() + 1 > threshold, self.inv_freq_long, self.inv_freq)
+        if threshold is not None:
+            # LongRoPE picks its factor set per sequence, by that sequence's length (its last position + 1), as
+            # transformers does for one sequence; never by the longest row of the batch. [B, 1, rotary_dim/2]
+            long = positions.amax(dim=1) + 1 > threshold
+            inv_freq = torch.where(long[:, None, None], self.inv_freq_long, self.inv_freq)
         sliding = getattr(self, "inv_freq_sliding", None)
         out = {}
         for kind in set(self.layer_types):

@@ -1,0 +1,68 @@
+"""Where and in what precision a model runs for inference: the `auto` choices, and refusing the senseless ones."""
+
+from __future__ import annotations
+
+import torch
+
+from foundry.core.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; UserError when it is not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (NVIDIA compute capability 8.0+, recent AMD)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_dtype(name: str, device: torch.device, stored: torch.dtype | None = None
+                  ) -> tuple[torch.dtype, str | None]:
+    """The dtype to run in for `--dtype name` on `device`, and a warning to show (None when all is well).
+
+    stored: the checkpoint's dtype, which `auto` follows on a GPU when it is 16-bit."""
+    if name not in DTYPE_CHOICES:
+        raise UserError(f"--dtype {name!r} is not a choice; use {', '.join(DTYPE_CHOICES)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32, None  # CPU kernels are fastest (and prepacked) in fp32
+        if stored == torch.float16:
+            return torch.float16, None
+        # bf16 halves memory and bandwidth and keeps fp32's range, so an fp32 checkpoint loses nothing visible;
+        # without bf16, fp32 (fp16 could overflow where a bf16-trained model does not).
+        return (torch.bfloat16 if gpu_has_bf16(device) else torch.float32), None
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not gpu_has_bf16(device):
+        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic "
+                        "(it needs compute capability 8.0+); use --dtype fp16 or fp32")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        return dtype, ("--dtype bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated "
+                       "and slower than fp32; it only saves memory")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("--dtype fp16 runs on GPUs only: CPU fp16 kernels are slow or missing; use fp32 or bf16")
+    return dtype, None
