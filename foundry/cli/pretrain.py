@@ -1,51 +1,94 @@
-"""`foundry pretrain`: training settings from --config RUN.yaml and flags, then the one training loop."""
+"""`foundry pretrain`: training settings from --config RUN.yaml and flags, then the one training loop.
+
+Every TrainConfig field is a flag, derived from the dataclass (its metadata holds the help text), so a new
+setting is on the command line the day it is added. Flags default to None internally: "given on the
+command line" must stay visible, because on --resume the run's saved settings are the defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import TYPE_CHECKING
 
 from foundry.cli.parsing import add_verb
+from foundry.train.config import ACTIONS, FIXED_ON_RESUME, FREE_ON_RESUME, TrainConfig, field_types, flag_name
 
 if TYPE_CHECKING:
-    from foundry.train.config import TrainConfig
+    from foundry.train.loop import TrainResult
 
 
-_TRAIN_FLAGS = {  # flag -> (type, help); every one defaults to the TrainConfig field (or --config)
-    "steps": (int, "optimizer steps in the whole run; a resumed run continues up to it"),
-    "batch-size": (int, "sequences per micro-batch"),
-    "seq-len": (int, "tokens per sequence"),
-    "grad-accum": (int, "micro-batches per optimizer step"),
-    "lr": (float, "peak learning rate"),
-    "warmup": (int, "linear warm-up steps"),
-    "weight-decay": (float, "AdamW weight decay"),
-    "grad-clip": (float, "gradient-norm clipping threshold"),
-    "seed": (int, "seed for initialisation and data order"),
-    "eval-every": (int, "steps between validation evaluations (0: only at the end)"),
-    "eval-batches": (int, "validation batches per periodic evaluation (0: the whole split)"),
-    "final-eval-batches": (int, "validation batches at the end of the run (0: the whole split)"),
-    "save-every": (int, "steps between checkpoints (0: only at the end)"),
-    "keep-checkpoints": (int, "complete checkpoints to keep (0: all)"),
-    "log-every": (int, "steps between metric lines"),
-    "time-budget": (float, "seconds: fit --steps to this budget after timing the first steps"),
-    "precision": (str, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"),
-    "fast-fp32": (str, "oneDNN fp32 matmuls on CPU: auto (only where exact), on, off"),
-    "device": (str, "auto, cpu, cuda, cuda:N"),
-    "tokenizer": (str, "tokenizer directory (default: the one stored in DATA_DIR)"),
-}
+def _flags_text(names: frozenset[str] | dict[str, str]) -> str:
+    order = [f.name for f in dataclasses.fields(TrainConfig)]
+    return ", ".join(f"--{flag_name(n)}" for n in sorted(names, key=order.index))
 
 
-def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
-    """TrainConfig from --config YAML (if any) overridden by the flags given on the command line."""
-    from foundry.train.config import TrainConfig
+EPILOG = f"""\
+--resume continues the run in --out from its newest checkpoint, and the run's saved settings (RUN_DIR/run.yaml, \
+else the checkpoint's) are then the defaults: `foundry pretrain --out RUN_DIR --resume` goes on exactly as the \
+run was set up. A flag or --config value that differs from a saved setting is refused, unless --allow-changes \
+is given; run.yaml then records each change, with the step, under `changes:`.
 
-    settings = TrainConfig.from_yaml(args.config) if args.config else {}
-    for name in ("model", "data", "out", *(f.replace("-", "_") for f in _TRAIN_FLAGS),
-                 "compile", "activation_checkpointing", "resume", "overwrite"):
-        value = getattr(args, name, None)
-        if value is not None:
-            settings[name] = value
-    return TrainConfig(**settings)
+Free to differ on resume: {_flags_text(FREE_ON_RESUME)}. They say how far the run goes (--steps is the run's \
+total: raise it to extend a run), where it runs and how often it reports and saves, not which data a step sees \
+or how it updates the weights (another device or --compile may round differently). Never changed on resume, \
+as the checkpoint fixes them: {_flags_text(FIXED_ON_RESUME)}.
+"""
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from --config YAML (if any) overridden by the flags given on the command line; with
+    --resume, both override the run's saved settings."""
+    given = TrainConfig.from_yaml(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        if getattr(args, f.name) is not None:
+            given[f.name] = getattr(args, f.name)
+    if given.get("resume"):
+        from foundry.train.setup import resume_config
+
+        return resume_config(given)
+    return TrainConfig(**given)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _flops(rate: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if rate >= scale:
+            return f"{rate / scale:.3g} {unit}"
+    return f"{rate / 1e6:.3g} MFLOP/s"
+
+
+def summary_lines(result: TrainResult) -> list[str]:
+    """The end-of-run summary: plain lines, one figure each, fit for a log file."""
+    state = f"stopped by a signal at step {result.step}" if result.interrupted else "finished"
+    lines = [f"run {state}: {result.step:,}/{result.total_steps:,} steps, {result.tokens:,} tokens in the whole run",
+             (f"  wall time     {_duration(result.wall_seconds)} this invocation; training steps ran at "
+              f"{result.tokens_per_second:,.0f} tokens/s")]
+    if result.mfu is not None and result.peak_flops:
+        lines.append(f"  MFU           {result.mfu * 100:.3g}% of a {_flops(result.peak_flops)} peak ({result.peak_source})")
+    else:
+        lines.append(f"  MFU           unknown: {result.peak_source or 'no peak FLOP/s known for this device'}")
+    if result.baseline is None:
+        lines.append("  validation    none: the data directory has no validation split")
+    else:
+        if result.val is not None:
+            lines.append(f"  validation    final loss {result.val.loss:.4f} (perplexity {result.val.perplexity:,.2f})")
+        if result.best_val is not None:
+            lines.append(f"                best loss  {result.best_val.loss:.4f} (perplexity "
+                         f"{result.best_val.perplexity:,.2f}) of the evaluations on the fixed sample")
+        lines.append(f"  baseline      unigram loss {result.baseline.loss:.4f} "
+                     f"(perplexity {result.baseline.perplexity:,.1f})")
+    lines.append(f"  checkpoint    {result.checkpoint or 'none saved'}")
+    if result.interrupted:
+        lines.append(f"  continue with `foundry pretrain --out {result.run_dir} --resume`")
+    return lines
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -53,28 +96,34 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from foundry.train.loop import train
 
     result = train(train_config_from_args(args), ConsoleTrainReporter())
-    print(f"checkpoint: {result.checkpoint}")
-    if result.val is not None:
-        print(f"validation loss {result.val.loss:.4f}  perplexity {result.val.perplexity:.2f}  "
-              f"(unigram baseline {result.baseline.loss:.4f} / {result.baseline.perplexity:.1f})")
+    print("\n".join(summary_lines(result)), flush=True)
     return 130 if result.interrupted else 0
 
 
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="preset, model config YAML, model directory or run directory")
-    p.add_argument("--data", help="DATA_DIR written by `foundry prepare`")
-    p.add_argument("--out", help="RUN_DIR for checkpoints, metrics and the loss plot")
-    p.add_argument("--config", help="RUN.yaml of training settings; flags override it")
-    for flag, (kind, text) in _TRAIN_FLAGS.items():
-        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute activations in the backward pass to save memory")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
+    p.add_argument("--config", metavar="RUN.yaml",
+                   help="training settings from a YAML file (a run's run.yaml works); flags override it")
+    types = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        kind = types[f.name][0]
+        shown = f.metadata["shown"] or ({True: "on", False: "off"}[f.default] if kind is bool else str(f.default))
+        text = f"{f.metadata['help']} ({'' if shown.startswith('required') else 'default: '}{shown})"
+        flag = f"--{flag_name(f.name)}"
+        if kind is bool:
+            # --no-X turns a setting off again on resume; the actions are switches of one invocation.
+            action = "store_true" if f.name in ACTIONS else argparse.BooleanOptionalAction
+            p.add_argument(flag, action=action, default=None, help=text)
+        else:
+            choices = f.metadata["choices"]  # shown in --help; TrainConfig checks them (one-line errors)
+            metavar = "{" + ",".join(choices) + "}" if choices else f.metadata["metavar"] or _METAVARS[kind]
+            p.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `pretrain` verb."""
     p = add_verb(sub, "pretrain", _cmd_pretrain, "Pretrain a model on token shards.")
+    p.epilog = EPILOG
     _add_train_flags(p)

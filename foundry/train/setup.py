@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from foundry import hub
 from foundry.config import ModelConfig
@@ -16,12 +16,11 @@ from foundry.data.loader import BatchLoader
 from foundry.data.shards import TokenShards, read_meta
 from foundry.core.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
-from foundry.core.files import atomic_file
 from foundry.hub import latest_checkpoint, resolve_model_source
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
-from foundry.train.checkpoint import clean_partial_writes, is_run_dir
-from foundry.train.config import TrainConfig
+from foundry.train.checkpoint import clean_partial_writes, is_run_dir, load_trainer_state
+from foundry.train.config import ACTIONS, TrainConfig, read_run_yaml, resume_changes, save_run_yaml
 from foundry.train.speed import configure_fp32_matmul
 
 
@@ -45,37 +44,72 @@ class RunSetup:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    device = torch.device(name)  # TrainConfig has checked the spelling: cpu, cuda or cuda:N
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
-def _run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """The run directory, made ready; and the checkpoint to resume from, if any."""
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))  # checkpoint.checkpoint_name writes step-NNNNNN
+
+
+def _resume_point(run_dir: Path) -> Path:
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    return checkpoint
+
+
+def saved_settings(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run's settings and change history: RUN_DIR/run.yaml, else its newest checkpoint's trainer state."""
+    checkpoint = _resume_point(run_dir)
+    if (run_dir / "run.yaml").is_file():
+        saved, history = read_run_yaml(run_dir / "run.yaml")
+    else:
+        saved, history = load_trainer_state(checkpoint).get("train_config", {}), []
+    # Switches of the invocation that wrote them (older run.yaml files hold them too) are not settings.
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - ACTIONS
+    return {name: value for name, value in saved.items() if name in known}, history
+
+
+def resume_config(given: dict[str, Any]) -> TrainConfig:
+    """The settings of `--resume`: the run's saved ones, overridden by those `given` (flags, --config)."""
+    TrainConfig(**given)  # the given values pass their own checks before the run is read
+    if not given.get("out"):
+        raise UserError("--out RUN_DIR is required: the run to resume")
+    saved, _ = saved_settings(Path(given["out"]))
+    return TrainConfig(**{**saved, **given, "resume": True})
+
+
+def _locate_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from, if any; refuses a bad --out. Writes nothing."""
     if not cfg.out:
         raise UserError("--out RUN_DIR is required")
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a directory")
     if cfg.resume:
-        ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        if ckpt is None:
-            raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        clean_partial_writes(run_dir)
-        return run_dir, ckpt
+        return run_dir, _resume_point(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not is_run_dir(run_dir):
             raise UserError(f"--out {run_dir} is a non-empty directory that is not a run; choose another --out")
         if not cfg.overwrite:
             raise UserError(f"--out {run_dir} already holds a run; pass --resume to continue it "
                             f"or --overwrite to replace it")
+    return run_dir, None
+
+
+def _make_run_dir(run_dir: Path, resuming: bool) -> None:
+    if resuming:
+        clean_partial_writes(run_dir)
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # _locate_run has checked it is a run and --overwrite
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
 
 
 def _tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -85,8 +119,9 @@ def _tokenizer(cfg: TrainConfig) -> Tokenizer:
     return Tokenizer.load(source)
 
 
-def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig, Path | None]:
-    config, model_dir = resolve_model_source(cfg.model)
+def _model_config(cfg: TrainConfig, tokenizer: Tokenizer, resume_from: Path | None) -> tuple[ModelConfig, Path | None]:
+    # A resumed run's model is its checkpoint, wherever the original --model went since.
+    config, model_dir = resolve_model_source(resume_from or cfg.model)
     if model_dir is None:  # a fresh model: size its vocabulary and special ids to the tokenizer
         config = config.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -100,18 +135,34 @@ def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig, 
 
 
 def prepare_run(cfg: TrainConfig) -> RunSetup:
-    """Check the inputs, then build or restore everything the loop needs."""
+    """Check the inputs, then build or restore everything the loop needs.
+
+    Nothing on disk changes before every check has passed. On resume, `cfg` must agree with the run's saved
+    settings (config.resume_changes says where it may differ); run.yaml records each change.
+    """
+    if not cfg.model:
+        raise UserError("--model is required: a preset (tiny, mini, small, ...), a model config YAML, "
+                        "a model directory or a run directory")
+    if not cfg.data:
+        raise UserError("--data DATA_DIR is required (make one with `foundry prepare`)")
+    run_dir, resume_from = _locate_run(cfg)
+    history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        saved, history = saved_settings(run_dir)
+        done = _checkpoint_step(resume_from)
+        if cfg.steps < done:
+            raise UserError(f"--steps {cfg.steps} is fewer than the {done} steps {run_dir} has trained; "
+                            f"--steps is the run's total: give at least {done}")
+        history = history + resume_changes(saved, cfg, done, run_dir)
     device = _device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     configure_fp32_matmul(cfg.fast_fp32, device)
-    if not cfg.data:
-        raise UserError("--data DATA_DIR is required (make one with `foundry prepare`)")
     tokenizer = _tokenizer(cfg)
     train_shards = TokenShards(cfg.data, "train", tokenizer=tokenizer)
     val_shards = TokenShards(cfg.data, "val", tokenizer=tokenizer) if _has_split(cfg.data, "val") else None
-    config, model_dir = _model_config(cfg, tokenizer)
+    config, model_dir = _model_config(cfg, tokenizer, resume_from)
     loader = BatchLoader(train_shards, cfg.batch_size, cfg.seq_len, cfg.seed)
-    run_dir, resume_from = _run_dir(cfg)  # last: nothing on disk changes before the inputs pass their checks
+    _make_run_dir(run_dir, resume_from is not None)  # last: the inputs have passed their checks
     torch.manual_seed(cfg.seed)
     weights_from = resume_from or model_dir
     if weights_from is not None:
@@ -123,8 +174,7 @@ def prepare_run(cfg: TrainConfig) -> RunSetup:
         model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     baseline = unigram_baseline(train_shards, val_shards, config.vocab_size) if val_shards is not None else None
-    with atomic_file(run_dir / "run.yaml", "w") as handle:
-        yaml.safe_dump(cfg.to_dict(), handle, sort_keys=False)
+    save_run_yaml(run_dir / "run.yaml", cfg, history)
     summary = {"dir": str(Path(cfg.data).resolve()), "train_tokens": len(train_shards),
                "val_tokens": len(val_shards) if val_shards is not None else 0,
                "tokenizer_fingerprint": tokenizer.fingerprint}
