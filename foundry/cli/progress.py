@@ -13,7 +13,10 @@ from foundry.train.progress import TrainReporter
 
 
 class ConsoleTrainReporter(TrainReporter):
-    """The training loop's reporter for the command line."""
+    """The training loop's reporter for the command line.
+
+    The ETA of a run fitted to a time budget comes from the budget (the run ends when it is spent, whatever
+    its pace), so the first line already shows a real one; otherwise from the pace of the steps so far."""
 
     def __init__(self, log_every_s: float = 10.0):
         self.console = Console(stderr=True)
@@ -21,15 +24,17 @@ class ConsoleTrainReporter(TrainReporter):
         self.log_every_s = log_every_s
         self.progress: Progress | None = None
 
-    def start(self, total_steps: int, start_step: int, tokens_per_step: int) -> None:
-        super().start(total_steps, start_step, tokens_per_step)
+    def start(self, total_steps: int | None, start_step: int, tokens_per_step: int,
+              time_left: float | None = None) -> None:
+        super().start(total_steps, start_step, tokens_per_step, time_left)
         self.tokens_per_step = tokens_per_step
-        self._t0, self._step0, self._last_line = time.perf_counter(), start_step, 0.0
+        self._t0, self._step0, self._last_line = time.perf_counter(), start_step, float("-inf")
         if self.live:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=self.console)
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                     TextColumn("eta {task.fields[eta]}"), console=self.console)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="",
+                                               eta=_duration(time_left) if time_left is not None else "?")
             self.progress.start()
 
     def note(self, text: str) -> None:
@@ -43,20 +48,42 @@ class ConsoleTrainReporter(TrainReporter):
         if self.progress is not None:
             self.progress.update(self.task, total=total_steps)
 
+    def eta(self, step: int) -> float | None:
+        """Seconds left: from the time budget when there is one, else from the pace so far (None: unknown)."""
+        elapsed = time.perf_counter() - self._t0
+        if self.time_left is not None:
+            return max(self.time_left - elapsed, 0.0)
+        if self.total_steps is None or step <= self._step0:
+            return None
+        return (self.total_steps - step) * elapsed / (step - self._step0)
+
     def update(self, step: int, loss: float, lr: float) -> None:
         elapsed = time.perf_counter() - self._t0
         tok_s = (step - self._step0) * self.tokens_per_step / max(elapsed, 1e-9)
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s"
+        eta = self.eta(step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, stats=stats)
+            self.progress.update(self.task, completed=step, stats=stats, eta=_duration(eta))
         elif time.perf_counter() - self._last_line > self.log_every_s or step == self.total_steps:
             self._last_line = time.perf_counter()
-            remaining = (self.total_steps - step) * elapsed / max(step - self._step0, 1)
-            print(f"step {step}/{self.total_steps}  {stats}  eta {remaining:.0f}s", file=sys.stderr, flush=True)
+            total = "?" if self.total_steps is None else self.total_steps
+            print(f"step {step}/{total}  {stats}  eta {_duration(eta)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _duration(seconds: float | None) -> str:
+    """12 -> '12s', 754 -> '12m34s', 7384 -> '2h03m'; None -> '?'."""
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class PrepareBar:

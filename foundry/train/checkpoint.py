@@ -11,6 +11,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from foundry.core.files import atomic_dir, atomic_file, atomic_path
 
 STATE_FILE = Path("trainer") / "state.pt"
 RUN_MARKERS = ("run.yaml", "metrics.jsonl", LATEST)
+# Every file or directory a run writes goes through core.files under a temp name `.NAME.<random>.tmp`
+# beside its final name (step-N/, loss.png, metrics.jsonl, latest, run.yaml): a killed run leaves these.
+TEMP_PATTERN = ".*.tmp"
 
 
 def checkpoint_name(step: int) -> str:
@@ -31,14 +35,27 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether `path` holds (part of) a training run."""
-    return any((path / name).exists() for name in RUN_MARKERS) or any(path.glob("step-*"))
+    """Whether `path` holds (part of) a training run, if only what a run killed in its first writes left."""
+    return (any((path / name).exists() for name in RUN_MARKERS) or any(path.glob("step-*"))
+            or any(path.glob(".step-*.tmp")) or any(any(path.glob(f".{name}.*.tmp")) for name in RUN_MARKERS))
 
 
-def clean_partial_writes(run_dir: Path) -> None:
-    """Remove temp directories left by a process killed while writing a checkpoint."""
-    for tmp in run_dir.glob(".step-*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def clean_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove what a killed process left under temp names in `run_dir`; returns what it removed.
+
+    Call it only when no other process is writing to `run_dir` (a run starting or resuming)."""
+    removed = sorted(run_dir.glob(TEMP_PATTERN))
+    for tmp in removed:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return removed
+
+
+def _latest_name(run_dir: Path) -> str | None:
+    pointer = run_dir / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
@@ -46,8 +63,16 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     """Write step-N/ whole under a temp name, rename it, then point `latest` at it."""
     name = checkpoint_name(step)
     final = run_dir / name
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        return final
+    if final.exists():
+        if _latest_name(run_dir) == name:  # already complete and current: nothing to do
+            return final
+        # Left by a process killed before it pointed `latest` here (or by a run since rolled back):
+        # it may hold other settings' weights, so this run's state replaces it. `latest` names an older
+        # checkpoint throughout, so a crash at any point below still leaves a loadable run.
+        aside = run_dir / f".{name}.replaced.tmp"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        shutil.rmtree(aside)
     with atomic_dir(final) as tmp:
         hub.write_model_files(tmp, model, tokenizer, meta=meta)
         (tmp / "trainer").mkdir()
@@ -74,3 +99,25 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{checkpoint} has no {STATE_FILE}: it is a model directory, not a resumable checkpoint")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _cuda_in_use() -> bool:
+    # Only once CUDA is initialised: asking for its RNG state earlier would initialise it (and a GPU).
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def rng_states() -> dict[str, Any]:
+    """The random-number states a resumed run continues from: the CPU's, and every CUDA device's in use."""
+    return {"rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if _cuda_in_use() else None}
+
+
+def restore_rng_states(state: dict[str, Any]) -> None:
+    """Put back what `rng_states` saved (CUDA's on as many of the saved devices as this machine has)."""
+    torch.set_rng_state(state["rng_cpu"])
+    for index, cuda_state in enumerate((state.get("rng_cuda") or [])[:_cuda_device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)

@@ -6,6 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foundry.core.errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    """The loss or the gradient norm became NaN or infinite: the run stopped without saving.
+
+    A UserError because the remedy is a setting (learning rate, warm-up, clipping): the CLI prints the
+    one-line message (step, last finite loss, advice) and exits 2; the last good checkpoint stays `latest`."""
+
 
 class CausalLMLoss(nn.Module):
     """Mean next-token cross-entropy of `model` on (inputs, targets); targets of -100 are ignored."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from foundry.core.files import atomic_path
+from foundry.core.units import human_count
 
 
 class MetricsLog:
@@ -32,6 +33,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl, in order."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -44,8 +46,17 @@ def _smoothed(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None) -> None:
-    """Training and validation loss against tokens seen, written atomically as a PNG."""
+def plot_title(model: str, params: int, tokens: int) -> str:
+    """The loss plot's title: which model (its spec: a preset or a directory's name), how big, how far trained."""
+    return f"{Path(model).name or model} · {human_count(params)} parameters · {human_count(tokens)} tokens trained"
+
+
+def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None, title: str | None = None) -> None:
+    """Training and validation loss against tokens seen, written atomically as a PNG.
+
+    Validation is drawn as two named series so that neither jumps for a reason that is not the model:
+    the evaluations on the run's fixed sample (`val_loss`), and the final ones on the full evaluation
+    set (`val_full_loss`, by default the whole split, the set the unigram baseline is computed on)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,22 +64,32 @@ def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None
 
     records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
+    sample = [r for r in records if "val_loss" in r]
+    full = [r for r in records if "val_full_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         tokens, losses = [r["tokens"] for r in train], [r["loss"] for r in train]
         ax.plot(tokens, losses, color="tab:blue", alpha=0.3, lw=1)
         ax.plot(tokens, _smoothed(losses), color="tab:blue", label="train loss (smoothed)", lw=1.6)
-    if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", lw=1.5)
+    if sample:
+        ax.plot([r["tokens"] for r in sample], [r["val_loss"] for r in sample], "o-", color="tab:orange", lw=1.5,
+                label=f"validation loss, fixed sample ({_count(sample[-1].get('val_tokens'))} tokens)")
+    if full:
+        what = "whole split" if full[-1].get("whole_split") else "final evaluation set"
+        ax.plot([r["tokens"] for r in full], [r["val_full_loss"] for r in full], "s", color="tab:red", ms=7,
+                label=f"validation loss, {what} ({_count(full[-1].get('val_full_tokens'))} tokens)")
     if baseline is not None:
         ax.axhline(baseline, ls="--", color="grey", lw=1, label=f"unigram baseline ({baseline:.2f})")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(metrics_path.parent.name)
+    ax.set_title(title or metrics_path.parent.name, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _count(tokens: int | None) -> str:
+    return human_count(tokens) if tokens else "?"

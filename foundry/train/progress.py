@@ -14,16 +14,21 @@ log = logging.getLogger("foundry.train")
 class TrainReporter:
     """Receives the run's notes and per-step figures; subclasses draw them."""
 
-    def start(self, total_steps: int, start_step: int, tokens_per_step: int) -> None:
-        """The loop is about to run steps start_step+1 .. total_steps."""
+    def start(self, total_steps: int | None, start_step: int, tokens_per_step: int,
+              time_left: float | None = None) -> None:
+        """The loop is about to run steps start_step+1 .. total_steps.
+
+        total_steps is None while a time budget has yet to fit it; time_left is the seconds the run has
+        left when it is fitted to a time budget (then the run ends about that much later, whatever its pace)."""
         self.total_steps = total_steps
+        self.time_left = time_left
 
     def note(self, text: str) -> None:
         """A line worth reading (evaluation results, warnings, where things were saved)."""
         log.info(text)
 
     def set_total(self, total_steps: int) -> None:
-        """The run's length changed (a time budget was refitted)."""
+        """The run's length changed (a time budget was fitted or refitted)."""
         self.total_steps = total_steps
 
     def update(self, step: int, loss: float, lr: float) -> None:
