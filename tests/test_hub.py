@@ -173,7 +173,7 @@ def test_sharded_save_writes_an_index_and_loads_back_equal(tmp_path):
         assert torch.equal(hub.load(path).model(_ids()), model(_ids()))
 
 
-def test_load_is_memory_mapped_on_the_checkpoint_dtype(model_dir):
+def test_load_keeps_the_checkpoint_dtype_unless_told(model_dir):
     loaded = hub.load(model_dir, with_tokenizer=False).model
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     assert all(p.device.type == "cpu" for p in loaded.parameters())
@@ -182,8 +182,31 @@ def test_load_is_memory_mapped_on_the_checkpoint_dtype(model_dir):
     assert bf16.inv_freq.dtype == torch.float32  # RoPE frequencies stay exact
 
 
+def _mapped_spans(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of `path` (from /proc/self/maps)."""
+    target, spans = os.path.realpath(path), []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to list memory mappings")
+def test_load_is_memory_mapped_onto_the_safetensors_file(model_dir, tmp_path):
+    # Every weight's bytes lie inside a mapping of the file itself: no copy was read into anonymous memory.
+    path = hub.save(tmp_path / "sharded", _model(), shard_size="100KB")
+    for directory in (model_dir, path):
+        model = hub.load(directory, with_tokenizer=False).model
+        spans = [span for f in directory.glob("*.safetensors") for span in _mapped_spans(f)]
+        assert spans, f"no mapping of {directory}'s safetensors files"
+        for name, p in model.named_parameters():
+            assert any(start <= p.data_ptr() < end for start, end in spans), f"{name} is not backed by the file"
+
+
 def test_gpt2_checkpoint_without_the_transformer_prefix_and_with_mask_buffers_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a reference library: missing, the test fails (never skips)
     torch.manual_seed(0)
     reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=1001, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
@@ -206,7 +229,7 @@ def test_a_switch_the_architecture_cannot_spell_is_refused_up_front():
 
 @pytest.mark.parametrize("flag, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_cli_export_writes_shards_that_transformers_loads_with_equal_logits(model_dir, tmp_path, flag, dtype):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a reference library: missing, the test fails (never skips)
     out = tmp_path / "export"
     assert main(["export", str(model_dir), "--out", str(out), "--dtype", flag, "--shard-size", "100KB"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")

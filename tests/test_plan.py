@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
+import types
+from pathlib import Path
 
 import pytest
 
-from foundry.plan import scaling
+from foundry.plan import hardware, scaling
 from foundry.cli import main
 from foundry.config import ModelConfig, preset
 from foundry.core.errors import UserError
@@ -216,9 +220,48 @@ def test_json_and_table_output(capsys):
     assert "Memory per device" in out and "Inference" in out and "days" in out
 
 
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def test_cpu_is_measured_on_the_spot():
+    import numpy as np
+
+    hardware.measure_cpu.cache_clear()  # measured now, beside the test's own timing
     hw = plan(model="tiny", tokens="1M", hardware="cpu")["hardware"]
-    assert hw["name"] == "cpu" and hw["peak_flops"] > 1e9 and hw["bandwidth"] > 1e8 and hw["memory_bytes"] > 1e9
+    assert hw["name"] == "cpu" and hw["measured"]
+    # An independent timing of other sizes, here and now. A broken measurement (a wrong count of FLOPs or
+    # bytes, a unit slip, a timer around nothing) is off by far more than the factor of 4 that load explains.
+    a = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
+    flops = 2 * 1024**3 / _best_seconds(lambda: a @ a)
+    src = np.ones(32 * 2**20, dtype=np.float32)  # 128 MiB
+    dst = np.empty_like(src)
+    bandwidth = 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src))
+    assert 1 / 4 < hw["peak_flops"] / flops < 4, (hw["peak_flops"], flops)
+    assert 1 / 4 < hw["bandwidth"] / bandwidth < 4, (hw["bandwidth"], bandwidth)
+
+
+def test_cpu_figures_are_the_work_its_label_names_over_the_time(monkeypatch):
+    # A clock that advances 0.25 s per reading makes every timed call take exactly 0.25 s.
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(hardware, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.25))
+    hw = hardware.measure_cpu.__wrapped__()  # uncached
+    n, mib = re.fullmatch(r"numpy fp32 (\d+)x\1 matmul and (\d+) MiB copy, best of 3", hw.spec_source).groups()
+    assert hw.peak_flops == pytest.approx(2 * int(n) ** 3 / 0.25)
+    assert hw.bandwidth == pytest.approx(2 * int(mib) * 2**20 / 0.25)  # read and write
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
+def test_cpu_memory_is_the_os_figure():
+    total = int(re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    hw = plan(model="tiny", tokens="1M", hardware="cpu")["hardware"]
+    assert hw["memory_bytes"] == pytest.approx(total, rel=0.01)
 
 
 def test_runs_without_torch():
