@@ -75,6 +75,7 @@ def test_greedy_equals_a_naive_loop_without_cache(engine):
 def test_a_batch_of_different_lengths_equals_each_prompt_alone(engine, params):
     per_prompt = params if isinstance(params, list) else [params] * len(PROMPTS)
     batched = engine.generate(PROMPTS, params)
+    assert len(batched) == len(PROMPTS)
     for prompt, p, together in zip(PROMPTS, per_prompt, batched):
         alone = engine.generate([prompt], p)[0]
         assert together == alone
@@ -186,7 +187,9 @@ def test_streaming_deltas_add_up_to_the_completion(engine):
 
 
 def test_text_equals_decoding_the_generated_ids(engine):
-    for c in engine.generate(PROMPTS, SamplingParams(temperature=1.0, seed=5, max_new_tokens=30)):
+    completions = engine.generate(PROMPTS, SamplingParams(temperature=1.0, seed=5, max_new_tokens=30))
+    assert len(completions) == len(PROMPTS)
+    for c in completions:
         ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
         # ... less a character the last tokens left unfinished
         assert c.text == engine.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
@@ -292,7 +295,8 @@ def test_engine_loads_the_newest_checkpoint_of_a_run_directory(model_dir, tmp_pa
 
 
 def test_transformers_greedy_generate_gives_the_same_tokens(model_dir, engine):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test-only reference: missing, the test fails
+
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     stop = sorted(engine.stop_ids)
     for prompt in ["def load(path):", "héllo wörld"]:

@@ -13,12 +13,10 @@ import torch
 
 from foundry import hub
 from foundry.cli import main
-from foundry.data.shards import prepare
 from foundry.train.checkpoint import load_trainer_state
-from foundry.train.config import TrainConfig
 from foundry.train.loop import train
 from foundry.train.metrics import read_metrics
-from train_helpers import FakeClock, charge
+from train_helpers import FakeClock, charge, make_data_dir, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,20 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, sample_texts, tiny_tokenizer):
     """Token shards of a few hundred KB of stdlib text, with a 512-token tokenizer."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(sample_texts):
-        (corpus / f"doc{i:03d}.py").write_text(text)
-    out = tmp_path_factory.mktemp("data") / "shards"
-    prepare([str(corpus)], tiny_tokenizer, out, val_fraction=0.15)
-    return out
+    return make_data_dir(tmp_path_factory, sample_texts, tiny_tokenizer)
 
 
-def _cfg(data_dir, out, **changes) -> TrainConfig:
-    settings = dict(model="tiny", data=str(data_dir), out=str(out), steps=8, batch_size=4, seq_len=32,
-                    lr=3e-3, warmup=2, eval_every=0, eval_batches=2, final_eval_batches=2, save_every=0,
-                    log_every=1, seed=7)
-    settings.update(changes)
-    return TrainConfig(**settings)
+_cfg = tiny_cfg
 
 
 def _step_losses(run_dir: Path) -> list[float]:

@@ -96,8 +96,8 @@ def test_random_sigkills_of_a_run_saving_every_step_never_break_it(tmp_path, dat
         loaded = hub.load(run)  # `latest` always loads, and is what it says it is
         assert f"step-{loaded.meta['step']:06d}" == (run / "latest").read_text().strip()
     assert kills >= 3
-    if (run / "latest").read_text().strip() != f"step-{steps:06d}":
-        assert main([*argv[3:], "--resume"]) == 0
+    assert main([*argv[3:], "--resume"]) == 0  # finishes the run (a finished one resumes to no new step)
+    assert (run / "latest").read_text().strip() == f"step-{steps:06d}"
     assert temp_files(run) == []
     logged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert logged == list(range(1, steps + 1))  # each step once: a resume drops what followed its checkpoint
