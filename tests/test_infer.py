@@ -268,7 +268,7 @@ def test_prepacking_keeps_a_tied_head_shared_with_the_embedding(tmp_path):
     assert packed.generate(["def load"], params) == Engine.load(tied_dir, prepack=False).generate(["def load"], params)
 
 
-def test_a_pad_token_id_of_0_pads_with_0(model_dir, monkeypatch):
+def test_rows_are_never_padded_and_pad_id_still_resolves(model_dir, monkeypatch):
     loaded = hub.load(model_dir)
     assert loaded.tokenizer.pad_id not in (None, 0)  # so that a fallback to it would show
     engine = Engine(loaded.model, loaded.tokenizer, generation_config={"pad_token_id": 0})
@@ -278,10 +278,9 @@ def test_a_pad_token_id_of_0_pads_with_0(model_dir, monkeypatch):
     monkeypatch.setattr(engine.model, "hidden_states",
                         lambda ids, *a, **k: fed.append(ids) or hidden_states(ids, *a, **k))
     engine.generate(["a longer prompt", "b"], SamplingParams(temperature=0.0, max_new_tokens=1))
-    short = engine.encode("b")
-    padded = [row for row in fed[0].tolist() if row[-len(short):] == short]
-    assert padded == [[0] * (fed[0].shape[1] - len(short)) + short]  # the short row's left padding
-    # Without one in generation_config, the tokenizer's pad token pads.
+    # Each prompt is fed as it is, at its own positions: no row is padded to another's length.
+    assert [row.tolist() for row in fed] == [[engine.encode("a longer prompt")], [engine.encode("b")]]
+    # Without one in generation_config, the tokenizer's pad token is the pad id.
     assert Engine(loaded.model, loaded.tokenizer).pad_id == loaded.tokenizer.pad_id
 
 
@@ -347,3 +346,16 @@ def test_chat_falls_back_to_a_plain_format_without_template(tmp_path):
     # Message text stays text in the plain format too: a typed eos is not one.
     ids, _ = encode_chat(engine.tokenizer, [{"role": "user", "content": "hi<|endoftext|>"}])
     assert engine.tokenizer.eos_id not in ids
+
+
+def test_a_chat_turn_reuses_the_conversation_so_far_from_the_prefix_cache(engine):
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    first_ids, _ = encode_chat(engine.tokenizer, history)
+    first = engine.generate([first_ids], params)[0]
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "again"}]
+    second_ids, _ = encode_chat(engine.tokenizer, history)
+    second = engine.generate([second_ids], params)[0]
+    assert second.cached_tokens >= len(first_ids)  # at least the first turn's whole prompt was not recomputed
+    plain = Engine(engine.model, engine.tokenizer, generation_config=engine.generation_config, prefix_caching=False)
+    assert second == plain.generate([second_ids], params)[0]

@@ -5,7 +5,7 @@ import torch
 
 from foundry.core.errors import UserError
 from foundry.infer.detokenize import TextStream
-from foundry.infer.sampling import SamplingParams, make_generator, sample_next, truncate
+from foundry.infer.sampling import SamplingParams, apply_penalties, make_generator, sample_next, truncate
 from foundry.tokenizer import Tokenizer
 
 TEXT = "Grüße, naïve café — 日本語のテキスト ✓ émoji 🎉 and plain words STOP here. " * 30
@@ -20,6 +20,8 @@ def tok() -> Tokenizer:
     dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
     dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(repetition_penalty=0.0), dict(seed=-1),
     dict(stop=[""]), dict(stop_token_ids=[-3]), dict(temperature=True),
+    dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logit_bias={5: 101}), dict(logit_bias={-1: 1}),
+    dict(logit_bias={"x": 1}), dict(logit_bias=[1]), dict(logprobs=21), dict(logprobs=-1),
 ])
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(UserError):
@@ -106,3 +108,17 @@ def test_prompt_context_does_not_leak_into_the_output(tok):
     stream = TextStream(tok, prompt)
     deltas = [stream.add(i) for i in tok.encode(" café")] + [stream.finish()]
     assert "".join(deltas) == " café"
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    logits = torch.zeros(1, 3)
+    counts = torch.tensor([[0.0, 2.0, 1.0]])
+    assert apply_penalties(logits, counts, [0.5], [0.25]).tolist() == [[0.0, -1.0, -0.75]]
+
+
+def test_logit_bias_moves_the_greedy_choice_and_keys_may_be_strings():
+    params = SamplingParams(temperature=0.0, logit_bias={"2": 5.0}).resolve()
+    assert params.logit_bias == {2: 5.0}
+    logits = torch.tensor([[1.0, 3.0, 0.0]])
+    assert sample_next(logits, [params], [None]).tolist() == [2]
+    assert logits.tolist() == [[1.0, 3.0, 0.0]]  # the caller's logits are left alone

@@ -1,4 +1,4 @@
-"""Per-request sampling settings and the next-token sampler (temperature, top-k, top-p, repetition penalty)."""
+"""Per-request sampling settings and the next-token sampler (temperature, top-k, top-p, penalties, logit bias)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,20 @@ from foundry.core.errors import UserError
 DEFAULT_MAX_NEW_TOKENS = 256
 # When neither the user nor generation_config.json says otherwise we sample at temperature 1 with no
 # truncation, as OpenAI-style servers do; generation_config's `do_sample: false` means greedy.
-_BUILTIN = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+_BUILTIN = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0}
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass
 class SamplingParams:
     """How one request picks tokens and when it stops. Fields left None take the model's defaults.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; repetition_penalty 1 is off."""
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; repetition_penalty 1 is off.
+    presence_penalty / frequency_penalty (OpenAI's, in [-2, 2], 0 is off) are subtracted from the logits of
+    tokens already generated, once / per occurrence; logit_bias adds to given token ids' logits.
+    logprobs: None is off; k >= 0 reports each sampled token's log-probability and the k most likely.
+    A constraint object is used by one request only: it keeps that request's state."""
 
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -32,12 +38,24 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    # Constrained decoding: an object with mask(vocab_size) -> bool tensor [V] (True = allowed) or None,
+    # advance(token_id) after every sampled token, and is_finished() (then the request stops, reason "stop").
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict):
+            raise UserError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        # JSON object keys are strings: accept "42" for 42.
+        self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -61,6 +79,18 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise UserError(f"stop_token_ids must be integers >= 0, got {t!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and -2 <= value <= 2):
+                raise UserError(f"{name} must be a number in [-2, 2] (0 turns it off), got {value!r}")
+        for t, b in self.logit_bias.items():
+            if not _is_int(t) or t < 0:
+                raise UserError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not (_is_number(b) and -100 <= b <= 100):
+                raise UserError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UserError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top tokens to report), "
+                            f"got {self.logprobs!r}")
 
     def resolve(self, generation_config: dict[str, Any] | None = None) -> "SamplingParams":
         """A copy with every unset field filled from generation_config.json, then from built-in defaults."""
@@ -106,6 +136,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalties
     return torch.where(seen, penalised, logits)
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: Sequence[float],
+                    frequency: Sequence[float]) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logit - frequency * count - presence * (count > 0)."""
+    p = logits.new_tensor(presence)[:, None]
+    f = logits.new_tensor(frequency)[:, None]
+    return logits - f * counts - p * (counts > 0).to(logits.dtype)
+
+
 def truncate(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
     """Set logits outside each row's top-k and top-p (nucleus) sets to -inf; the best token always stays."""
     vocab = logits.shape[-1]
@@ -131,14 +169,25 @@ def truncate(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float])
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None], seen: torch.Tensor | None = None) -> torch.Tensor:
+                generators: Sequence[torch.Generator | None], seen: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V], each row with its own params and generator.
 
     Each sampled row draws only from its own generator, so a seeded request gets the same tokens
-    whatever else shares its batch. `seen` [B, V] marks tokens already in each row's context."""
+    whatever else shares its batch. `seen` [B, V] marks tokens already in each row's context;
+    `counts` [B, V] counts each row's generated tokens (for presence and frequency penalties)."""
     logits = logits.float()
     if seen is not None and any(p.repetition_penalty != 1 for p in params):
         logits = apply_repetition_penalty(logits, seen, [p.repetition_penalty for p in params])
+    if counts is not None:
+        logits = apply_penalties(logits, counts, [p.presence_penalty or 0.0 for p in params],
+                                 [p.frequency_penalty or 0.0 for p in params])
+    if any(p.logit_bias for p in params):
+        logits = logits.clone()  # the caller's logits stay as they were
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[row, ids] += logits.new_tensor(list(p.logit_bias.values()))
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:

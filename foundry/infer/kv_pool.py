@@ -1,0 +1,197 @@
+"""One persistent key/value pool of fixed size, cut into slots (one per running request) with per-slot lengths.
+
+Why slots and not pages: on CPU, attention (SDPA) wants each row's keys and values as one contiguous run.
+With pages, every decode step would first gather each row's pages into such a run, copying the whole
+running cache once per layer per step; with slots the decode step attends straight from the pool. The
+cost of slots is memory: a slot holds a request's whole `prompt + max_new_tokens`, reserved when it is
+admitted, so the pool fits fewer long requests than pages would. The running rows are kept in slots
+0..n-1 (a leaving row's hole is filled by the last row), so a decode step reads the pool's first n slots
+as a view, never a gather."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from foundry.config import ModelConfig
+
+# Used when the engine is not told a budget: enough for max_batch_size full-context requests, at most this.
+DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
+
+
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Key and value bytes one token takes over all layers."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+class KVPool:
+    """Keys and values [slots, kv_heads, slot_len, head_dim] per layer, allocated once; `lengths[s]` per slot."""
+
+    def __init__(self, config: ModelConfig, budget_bytes: int, max_slots: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        per_token = bytes_per_token(config, dtype)
+        # A slot holds the model's whole context when the budget allows, else as much as it does.
+        self.slot_len = max(1, min(config.max_position_embeddings, budget_bytes // per_token))
+        self.num_slots = max(1, min(max_slots, budget_bytes // (per_token * self.slot_len)))
+        shape = (self.num_slots, config.num_key_value_heads, self.slot_len, config.head_dim)
+        # Zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.lengths = [0] * self.num_slots
+        self.device = torch.device(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool's tensors hold (never more than the budget it was given, unless one token exceeds it)."""
+        return sum(t.nbytes for t in self.keys + self.values)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_slots * self.slot_len
+
+    def copy(self, src: int, dst: int, n: int | None = None) -> None:
+        """Copy the first n (default: all written) positions of slot `src` into slot `dst`, which then holds n."""
+        n = self.lengths[src] if n is None else n
+        for k, v in zip(self.keys, self.values):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s written keys/values into slot `dst` and empty `src`."""
+        self.copy(src, dst)
+        self.lengths[src] = 0
+
+    def decode_view(self, rows: int, static: bool = False) -> "DecodeView":
+        """A cache for one new token in each of slots 0..rows-1, each at its own length."""
+        return DecodeView(self, rows, static)
+
+    def prefill_view(self, slot: int) -> "PrefillView":
+        """A cache for the next chunk of tokens of one slot."""
+        return PrefillView(self, slot)
+
+
+class DecodeView:
+    """What the model sees of the pool in a decode step (KVCache's interface): rows 0..n-1, one token each.
+
+    static: attend over every slot position (fixed shapes but the row count, for the compiled decode step)."""
+
+    def __init__(self, pool: KVPool, rows: int, static: bool):
+        self.pool = pool
+        self.rows = torch.arange(rows, device=pool.device)
+        longest = max(pool.lengths[:rows])
+        if longest >= pool.slot_len:  # checked here, on python ints, so that a compiled step has no graph break
+            raise ValueError(f"KV slot full: a row exceeds its {pool.slot_len} positions")
+        self.positions = torch.tensor(pool.lengths[:rows], device=pool.device)  # where each row writes
+        self.static = static
+        self.end = pool.slot_len if static else longest + 1
+        self.length = self.end - 1
+
+    def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
+        if new_tokens != 1 or pad_mask is not None:
+            raise ValueError("a decode step takes one real token per row")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new k/v [n, kv, 1, hd] at its own position; return the rows' keys/values."""
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        n = len(self.rows)
+        if n == 1 and not self.static:  # one row (batch-1 decoding): a plain slice write, no scatter
+            keys[:1, :, self.end - 1:self.end] = k
+            values[:1, :, self.end - 1:self.end] = v
+        else:
+            keys[self.rows, :, self.positions] = k[:, :, 0]
+            values[self.rows, :, self.positions] = v[:, :, 0]
+        return keys[:n, :, :self.end], values[:n, :, :self.end]
+
+    def advance(self, new_tokens: int) -> None:
+        for row in range(len(self.rows)):
+            self.pool.lengths[row] += new_tokens
+
+    def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor | None:
+        """[n, 1, 1, end]: each row sees its own written positions and the new one (the newest `window`).
+
+        None (attend to every key) for one row without a window: all its `end` positions are its own."""
+        if window is None and len(self.rows) == 1 and not self.static:
+            return None
+        key = torch.arange(self.end, device=self.pool.device)[None]
+        query = self.positions[:, None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= key > query - window
+        return allowed[:, None, None]
+
+
+class PrefillView:
+    """What the model sees of the pool while one slot takes a chunk of its prompt (KVCache's interface)."""
+
+    def __init__(self, pool: KVPool, slot: int):
+        self.pool = pool
+        self.slot = slot
+        self.length = pool.lengths[slot]
+
+    def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
+        if self.length + new_tokens > self.pool.slot_len:
+            raise ValueError(f"KV slot full: {self.length + new_tokens} tokens exceed its {self.pool.slot_len}")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end, s = self.length, self.length + k.shape[2], self.slot
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys[s:s + 1, :, start:end] = k
+        values[s:s + 1, :, start:end] = v
+        return keys[s:s + 1, :, :end], values[s:s + 1, :, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+        self.pool.lengths[self.slot] = self.length
+
+    def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor:
+        """[1, 1, T, length+T]: causal over the slot's positions (within `window`)."""
+        end = self.length + new_tokens
+        query = torch.arange(self.length, end, device=self.pool.device)[:, None]
+        key = torch.arange(end, device=self.pool.device)[None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= key > query - window
+        return allowed[None, None]
+
+
+class PrefixCache:
+    """Finished sequences kept in otherwise idle pool slots, so that a later prompt starting alike reuses their KV.
+
+    An entry is evicted (least recently used first) whenever its slot is wanted by a running request."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[int, list[int]] = OrderedDict()  # slot -> the tokens whose KV it holds
+
+    def keep(self, slot: int, tokens: list[int]) -> None:
+        """Record that `slot` holds `tokens`' keys/values (newest entry)."""
+        self.entries[slot] = tokens
+        self.entries.move_to_end(slot)
+
+    def redundant(self, tokens: list[int]) -> int | None:
+        """An entry that `tokens` makes useless (a prefix of them), or None; -1 if one already covers them."""
+        for slot, held in self.entries.items():
+            if held[:len(tokens)] == tokens:
+                self.entries.move_to_end(slot)
+                return -1
+            if tokens[:len(held)] == held:
+                return slot
+        return None
+
+    def evict(self) -> int | None:
+        """Forget the least recently used entry; its slot (None when empty)."""
+        if not self.entries:
+            return None
+        slot, _ = self.entries.popitem(last=False)
+        return slot
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
