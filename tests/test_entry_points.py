@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("info", "pretrain", "demo", "tokenizer", "prepare", "generate", "chat", "plan", "export")
+VERBS = ("info", "pretrain", "demo", "tokenizer", "prepare", "generate", "chat", "plan", "export", "serve")
 
 
 def test_python_dash_m_foundry_and_foundry_cli_list_every_verb():

@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "train": BELOW_TRAIN,
     "infer": {"hub", "model", "tokenizer", "config", "core"},
     "plan": {"config", "core"},
-    "cli": {"train", "infer", "plan", *BELOW_TRAIN},
+    "serve": {"infer", "hub", "model", "tokenizer", "config", "core"},
+    "cli": {"train", "infer", "serve", "plan", *BELOW_TRAIN},
     "": {"cli", "hub", "core"},  # foundry/__init__.py and __main__.py
 }
 # Packages that may use only these non-stdlib libraries (the others use what their job needs).

@@ -22,11 +22,13 @@ DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str = "auto",
-            err: TextIO | None = None) -> "Engine":
+            err: TextIO | None = None, kv_cache_memory: str | int | None = None,
+            max_batch_size: int | None = None) -> "Engine":
     import torch
 
     from foundry import hub
     from foundry.cli.info import checkpoint_dtype
+    from foundry.hub.weights import parse_size
     from foundry.infer.device import resolve_device, resolve_dtype
     from foundry.infer.engine import Engine
 
@@ -36,7 +38,17 @@ def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str 
     run_dtype, warning = resolve_dtype(dtype, where, stored if isinstance(stored, torch.dtype) else None)
     if warning:
         (err or sys.stderr).write(f"warning: {warning}\n")
-    engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile)
+    extra: dict = {}
+    if kv_cache_memory is not None:
+        try:
+            extra["kv_cache_memory"] = parse_size(kv_cache_memory)
+        except UserError as exc:
+            raise UserError(f"--kv-cache-memory: {exc}") from None
+    if max_batch_size is not None:
+        if max_batch_size < 1:
+            raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+        extra["max_batch_size"] = max_batch_size
+    engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile, **extra)
     if engine.tokenizer is None:
         raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
     return engine
@@ -80,13 +92,13 @@ def _in_prompt_order(deltas: Iterable) -> Iterator[tuple[int, "Completion"]]:
 
 def run_generate(model: str, prompts: list[str], params: SamplingParams, device: str = "auto",
                  compile: bool = False, out: TextIO | None = None, err: TextIO | None = None,
-                 dtype: str = "auto", as_json: bool = False) -> None:
+                 dtype: str = "auto", as_json: bool = False, kv_cache_memory: str | None = None) -> None:
     """Complete the prompts in batches through one engine: one prompt streams to `out`, several print in order;
     as_json writes one JSON object a prompt (JSON Lines)."""
     out, err = out or sys.stdout, err or sys.stderr  # looked up now, so redirections made later apply
     if not prompts:
         raise UserError("give at least one --prompt or --prompts-file (or pipe the prompt on stdin)")
-    engine = _engine(model, device, compile, dtype, err)
+    engine = _engine(model, device, compile, dtype, err, kv_cache_memory)
     start = time.perf_counter()
     completions = []
     if len(prompts) == 1 and not as_json:
@@ -182,6 +194,13 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="stop before this text (repeatable)")
 
 
+def add_kv_cache_flag(p: argparse.ArgumentParser) -> None:
+    """Add --kv-cache-memory (shared with `foundry serve`)."""
+    p.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
+                   help="size of the KV-cache pool: bytes, or e.g. 2GB, 512MiB (default: room for the batch's "
+                        "full contexts, at most 2 GiB); more fits more or longer requests at once")
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -190,7 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         text = sys.stdin.read()  # piped text is one prompt (a whole file of code, say)
         prompts = [text] if text.strip() else []
     run_generate(args.model, prompts, _sampling_params(args), device=args.device, compile=args.compile,
-                 dtype=args.dtype, as_json=args.json)
+                 dtype=args.dtype, as_json=args.json, kv_cache_memory=args.kv_cache_memory)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -204,6 +223,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object a prompt (JSON Lines, in prompt order): index, prompt, text, "
                         "finish_reason, prompt_tokens, completion_tokens, time_to_first_token_s, seconds, tokens_per_s")
+    add_kv_cache_flag(p)
     _add_sampling_flags(p)
 
 

@@ -6,16 +6,16 @@ import argparse
 import os
 import sys
 
-from foundry.cli import data, demo, export, generate, info, plan, pretrain
+from foundry.cli import data, demo, export, generate, info, plan, pretrain, serve
 from foundry.core.errors import UserError
 
-VERB_MODULES = (info, pretrain, demo, data, generate, plan, export)
+VERB_MODULES = (info, pretrain, demo, data, generate, plan, export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per verb."""
     parser = argparse.ArgumentParser(
-        prog="foundry", description="Define, prepare data for, pretrain, generate with, export and plan large "
+        prog="foundry", description="Define, prepare data for, pretrain, generate with, serve, export and plan large "
         "language models. Every verb takes --help.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in VERB_MODULES:
