@@ -70,15 +70,18 @@ def free_port() -> int:
 
 def start_server(model_dir: Path, port: int, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "foundry", "serve", str(model_dir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "foundry", "serve", str(model_dir), "--port", str(port),
+                             "--served-model-name", "model", "--max-tokens", "512"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
+    import urllib.error
+    import urllib.request
 
     for _ in range(600):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
             pass
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {proc.stderr.read()}")
@@ -160,6 +163,8 @@ def main() -> None:
             prompt = rand(32)
             asyncio.run(serve_batch(port, [prompt], [16]))  # warm-up
             ours = [asyncio.run(serve_batch(port, [prompt], [128]))[0][0] for _ in range(3)]
+            if not all(r["ok"] for r in ours):
+                raise SystemExit(f"batch-1 requests failed: {ours}")
             ours_rate = statistics.median(r["tokens"] / r["latency"] for r in ours if r["ok"])
             hf_generate(reference, [prompt], 16)
             theirs_rate = statistics.median(n / s for n, s in (hf_generate(reference, [prompt], 128) for _ in range(3)))
