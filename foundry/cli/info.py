@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,51 +16,12 @@ from foundry.config import ModelConfig
 from foundry.core.errors import UserError
 from foundry.core.units import human_bytes, human_count
 from foundry.hub import resolve_model_source
-
-# safetensors' dtype names -> torch's, as config.json's torch_dtype spells them.
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def checkpoint_dtype(model_dir: Path) -> str | None:
-    """The dtype a model directory's weights are stored in ("bfloat16", ...): config.json's, else the weights'."""
-    raw = _read_json(model_dir / "config.json") or {}
-    name = raw.get("dtype") or raw.get("torch_dtype")  # transformers 5 writes "dtype", 4 "torch_dtype"
-    if isinstance(name, str):
-        return name.removeprefix("torch.")
-    files = [model_dir / "model.safetensors"]
-    index = _read_json(model_dir / "model.safetensors.index.json")
-    if index and isinstance(index.get("weight_map"), dict):
-        files = [model_dir / f for f in sorted(set(index["weight_map"].values()))[:1]]
-    counts: Counter[str] = Counter()
-    for file in files:
-        for entry in _safetensors_header(file).values():
-            if isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
-                counts[_SAFETENSORS_DTYPES[entry["dtype"]]] += 1
-    return counts.most_common(1)[0][0] if counts else None
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    # A safetensors file starts with the byte length of its JSON header (u64, little-endian), then the header.
-    try:
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            return json.loads(handle.read(size)) if size < 100_000_000 else {}
-    except (OSError, struct.error, ValueError):
-        return {}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None  # info describes what it can; a damaged file is not a reason to show nothing
-
+from foundry.hub.stored import checkpoint_dtype, read_json_if_any
 
 def training_state(model_dir: Path) -> dict[str, Any]:
     """step, tokens and the last validation loss (with its step) of a checkpoint, from foundry.json and the
     run's metrics.jsonl; None where unknown."""
-    meta = _read_json(model_dir / "foundry.json") or {}
+    meta = read_json_if_any(model_dir / "foundry.json") or {}
     step = meta.get("step") if isinstance(meta.get("step"), int) else None
     state: dict[str, Any] = {"step": step, "tokens": meta.get("tokens"), "val_loss": None, "val_loss_step": None}
     # metrics.jsonl (beside a run's step-N checkpoints) says at which step each evaluation ran.

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING
 
+from foundry.core.units import human_duration
 from foundry.cli.parsing import add_verb
 from foundry.train.config import ACTIONS, FIXED_ON_RESUME, FREE_ON_RESUME, TrainConfig, field_types, flag_name
 
@@ -50,14 +51,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
 def _flops(rate: float) -> str:
     for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
         if rate >= scale:
@@ -69,7 +62,7 @@ def summary_lines(result: TrainResult) -> list[str]:
     """The end-of-run summary: plain lines, one figure each, fit for a log file."""
     state = f"stopped by a signal at step {result.step}" if result.interrupted else "finished"
     lines = [f"run {state}: {result.step:,}/{result.total_steps:,} steps, {result.tokens:,} tokens in the whole run",
-             (f"  wall time     {_duration(result.wall_seconds)} this invocation; training steps ran at "
+             (f"  wall time     {human_duration(result.wall_seconds)} this invocation; training steps ran at "
               f"{result.tokens_per_second:,.0f} tokens/s")]
     if result.mfu is not None and result.peak_flops:
         lines.append(f"  MFU           {result.mfu * 100:.3g}% of a {_flops(result.peak_flops)} peak ({result.peak_source})")

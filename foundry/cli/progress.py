@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from foundry.core.units import human_duration
 from foundry.train.progress import TrainReporter
 
 
@@ -75,15 +76,7 @@ class ConsoleTrainReporter(TrainReporter):
 
 
 def _duration(seconds: float | None) -> str:
-    """12 -> '12s', 754 -> '12m34s', 7384 -> '2h03m'; None -> '?'."""
-    if seconds is None:
-        return "?"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return "?" if seconds is None else human_duration(seconds)
 
 
 class PrepareBar:

@@ -17,6 +17,7 @@ from foundry.data.shards import TokenShards, read_meta
 from foundry.core.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
 from foundry.hub import latest_checkpoint, resolve_model_source
+from foundry.hub.device import resolve_device
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
 from foundry.train.checkpoint import clean_partial_writes, is_run_dir, load_trainer_state
@@ -39,18 +40,6 @@ class RunSetup:
     baseline: Perplexity | None
     resume_from: Path | None
     data_summary: dict[str, Any]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # TrainConfig has checked the spelling: cpu, cuda or cuda:N
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
@@ -154,7 +143,7 @@ def prepare_run(cfg: TrainConfig) -> RunSetup:
             raise UserError(f"--steps {cfg.steps} is fewer than the {done} steps {run_dir} has trained; "
                             f"--steps is the run's total: give at least {done}")
         history = history + resume_changes(saved, cfg, done, run_dir)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     configure_fp32_matmul(cfg.fast_fp32, device)
     tokenizer = _tokenizer(cfg)
