@@ -1,6 +1,6 @@
 """Serving: `foundry serve` driven over HTTP by the openai client vs transformers' generate, one run.
 
-    python benchmarks/serve.py [--requests 16] [--threads 2] [--port 8765]
+    python benchmarks/serve.py [--requests 16] [--threads 2] [--port 8765] [--compile]
 
 The ENVIRONMENT.md model (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV heads, MLP 1024; random
 init, fp32) with an 8192-token BPE trained on the stdlib. Metrics follow vLLM's `bench serve`:
@@ -68,15 +68,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, threads: int, compile: bool) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "foundry", "serve", str(model_dir), "--port", str(port),
-                             "--served-model-name", "model", "--max-tokens", "512"],
+                             "--served-model-name", "model", "--max-tokens", "512"] + ["--compile"] * compile,
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import urllib.error
     import urllib.request
 
-    for _ in range(600):
+    for _ in range(3000):  # a compiled server compiles its decode step before it is healthy
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
                 if reply.status == 200:
@@ -86,7 +86,7 @@ def start_server(model_dir: Path, port: int, threads: int) -> subprocess.Popen:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {proc.stderr.read()}")
         time.sleep(0.2)
-    raise SystemExit("the server did not become healthy in 120 s")
+    raise SystemExit("the server did not become healthy in 600 s")
 
 
 async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--compile", action="store_true", help="serve with --compile (the compiled decode step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -154,9 +155,9 @@ def main() -> None:
         vocab = ModelConfig.from_hf_dict(__import__("json").loads((model_dir / "config.json").read_text())).vocab_size
         reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         port = args.port or free_port()
-        server = start_server(model_dir, port, args.threads)
+        server = start_server(model_dir, port, args.threads, args.compile)
         print(f"CPU {cpu_capability()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"{args.threads} threads, fp32, greedy")
+              f"{args.threads} threads, fp32, greedy, server {'--compile' if args.compile else 'eager'}")
         try:
             rand = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
             # 1. batch 1, sequential

@@ -13,7 +13,6 @@ from foundry.infer.chat import PLAIN_STOP, ChatSession, encode_chat, plain_chat,
 from foundry.infer.engine import Engine
 from foundry.infer.prepack import PackedLinear, prepack_linears
 from foundry.infer.sampling import SamplingParams
-from foundry.infer.static_cache import StaticKVCache
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
 from scripted_model import BigramModel, ascii_tokenizer, chain
@@ -218,27 +217,6 @@ def test_defaults_come_from_generation_config(model_dir):
     assert c == greedy_model.generate(["def load"], SamplingParams(temperature=0.0, max_new_tokens=9))[0]
     resolved = SamplingParams(top_k=5).resolve({"temperature": 0.6, "top_p": 0.9, "top_k": 40})
     assert (resolved.temperature, resolved.top_p, resolved.top_k, resolved.repetition_penalty) == (0.6, 0.9, 5, 1.0)
-
-
-def test_static_cache_decodes_like_the_growing_cache(engine):
-    static = Engine(engine.model, engine.tokenizer, generation_config=engine.generation_config)
-    static.static_cache = True  # what compile=True decodes with, here without the compile
-    params = [SamplingParams(temperature=0.0, max_new_tokens=10 + 5 * i) for i in range(len(PROMPTS))]
-    assert static.generate(PROMPTS, params) == engine.generate(PROMPTS, params)
-
-
-def test_static_cache_logits_equal_the_full_forward(engine):
-    model, config = engine.model, engine.config
-    ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
-    pad_mask = torch.ones_like(ids, dtype=torch.bool)
-    pad_mask[0, :6] = False
-    positions = (pad_mask.cumsum(1) - 1).clamp(min=0)
-    cache = StaticKVCache(config, batch_size=2, max_len=32)
-    with torch.no_grad():
-        steps = [model(ids[:, :12], positions[:, :12], cache, pad_mask[:, :12])]
-        steps += [model(ids[:, i:i + 1], positions[:, i:i + 1], cache) for i in range(12, 20)]
-        full = model(ids, positions, pad_mask=pad_mask)
-    assert (torch.cat(steps, 1) - full)[pad_mask].abs().max() < 1e-5
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

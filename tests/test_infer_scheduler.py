@@ -222,6 +222,29 @@ def test_logprobs_are_the_models_and_come_with_every_token(llama):
     assert engine.generate([ids], greedy(5))[0].logprobs is None
 
 
+def test_prompt_logprobs_score_every_prompt_token_across_chunks_and_skip_the_prefix_cache(llama):
+    engine = Engine(llama, prefill_chunk=4)  # the 10-token prompt is scored over three chunks
+    ids = prompt(7, 10)
+    engine.generate([ids + [1, 2]], greedy(2))  # leaves a cached entry sharing the whole prompt
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, prompt_logprobs=2)
+    deltas = list(engine.stream([ids], params))
+    completion = deltas[-1].completion
+    assert deltas[0].prompt_logprobs == completion.prompt_logprobs
+    assert all(d.prompt_logprobs is None for d in deltas[1:])  # sent once, on the first delta
+    assert completion.cached_tokens == 0  # a cached prefix has no logits to score
+    with torch.no_grad():
+        expected = llama(torch.tensor([ids]))[0].log_softmax(-1)
+    first, *rest = completion.prompt_logprobs
+    assert (first.token_id, first.logprob) == (ids[0], None) and len(rest) == len(ids) - 1
+    for position, entry in enumerate(rest):
+        assert entry.token_id == ids[position + 1]
+        assert entry.logprob == pytest.approx(float(expected[position, entry.token_id]), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected[position].topk(2).indices.tolist()
+    # ... and the generated tokens are those of a request that did not ask
+    assert completion.token_ids == engine.generate([ids], greedy(3))[0].token_ids
+    assert engine.generate([ids], greedy(3))[0].prompt_logprobs is None
+
+
 def naive_penalised(model: Transformer, ids: list[int], steps: int, presence: float, frequency: float,
                     bias: dict[int, float]) -> list[int]:
     """Reference: full forwards, OpenAI's penalties over the generated tokens, then the bias, then argmax."""
@@ -267,14 +290,6 @@ def test_the_pool_is_persistent_across_calls(llama):
     pool = engine.scheduler.pool
     engine.generate([prompt(2, 9)], greedy(3))
     assert engine.scheduler.pool is pool
-
-
-def test_static_decode_view_gives_the_same_tokens(model):
-    engine = Engine(model, prefill_chunk=7)
-    engine.static_cache = True  # attends over whole slots, as the compiled decode step does
-    ids = [ids for ids, _ in REQUESTS.values()]
-    together = engine.generate(ids, [greedy(n) for _, n in REQUESTS.values()])
-    assert [c.token_ids for c in together] == [naive_greedy(model, i, n) for i, n in REQUESTS.values()]
 
 
 def test_the_phi3_requests_cross_the_original_context():

@@ -283,7 +283,6 @@ BAD = [  # (route, body, status, code, param)
     ("/v1/completions", {**COMPLETION, "n": 1000}, 400, "invalid_value", "n"),
     ("/v1/completions", {**COMPLETION, "n": 0}, 400, "invalid_value", "n"),
     ("/v1/completions", {**COMPLETION, "suffix": "end"}, 400, "unsupported_parameter", "suffix"),
-    ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400, "unsupported_parameter", "echo"),
     ("/v1/completions", {**COMPLETION, "logprobs": 21}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {**COMPLETION, "logit_bias": {"abc": 1}}, 400, "invalid_value", "logit_bias"),
     ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 101}}, 400, "invalid_value", "logit_bias"),

@@ -186,6 +186,28 @@ def test_echo_sends_the_prompt_first(client, tok):
     assert "".join(c.choices[0].text for c in by_ids).startswith("naïve")
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(client, tok, model_dir):
+    # lm-eval's loglikelihood through an OpenAI-compatible server: token-id prompt, echo, logprobs, max_tokens 1.
+    ids = tok.encode("def main():\n    return 0")
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    import torch
+
+    from foundry import hub
+
+    with torch.no_grad():
+        expected = hub.load(model_dir).model(torch.tensor([ids]))[0].log_softmax(-1)
+    scores = [float(expected[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(scores, abs=1e-4)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert got.choices[0].text.startswith(tok.decode(ids))
+    streamed = list(client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                              logprobs=1, stream=True))
+    first = streamed[0].choices[0]
+    assert first.text == tok.decode(ids) and first.logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+
+
 def test_logit_bias_and_penalties_reach_the_sampler(client, tok):
     token = tok.encode("e")[0]
     forced = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=0,

@@ -51,6 +51,9 @@ def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str 
     engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile, **extra)
     if engine.tokenizer is None:
         raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
+    if compile:
+        (err or sys.stderr).write("compiling the decode step (tens of seconds, once)...\n")
+        engine.warm_up()
     return engine
 
 

@@ -5,6 +5,7 @@ server all come through `Engine`."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import defaultdict
@@ -14,6 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from foundry.core.errors import UserError
+from foundry.infer.compiled import compile_step
 from foundry.infer.prepack import can_prepack, prepack_linears
 from foundry.infer.sampling import SamplingParams
 from foundry.infer.scheduler import Completion, Delta, Request, Scheduler, TokenLogprob  # noqa: F401  (re-exported)
@@ -37,15 +39,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.max_batch_size = max_batch_size
-        # compile: the decode step becomes one graph (dynamic in batch size) attending over whole pool
-        # slots. It costs tens of seconds once per process, so it is for long sessions.
-        self.static_cache = compile
+        # compile: the decode step becomes a compiled graph for every batch size and length (infer/compiled.py).
+        # It costs tens of seconds once per process, so it is for long sessions.
         # prepack: swap large fp32 linears for oneDNN-packed ones (CPU). It changes the model in place,
         # so it is off for a model handed in (it may still be training) and on in Engine.load.
         self.prepacked = prepack and not compile and can_prepack(self.model, self.device)
         if self.prepacked:
             prepack_linears(self.model)
-        self._decode = torch.compile(self._logits, dynamic=True) if compile else self._logits
+        self._decode = compile_step(self._logits, self.device) if compile else self._logits
         # eos from the tokenizer (plus end-of-turn markers), generation_config.json and config.json.
         self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
         self.stop_ids |= _id_set(self.generation_config.get("eos_token_id")) | _id_set(self.config.eos_token_id)
@@ -120,11 +121,23 @@ class Engine:
                 for delta in mine:
                     if delta.completion is not None:
                         pending.discard(delta.index[1])
-                    yield Delta(delta.index[1], delta.text, delta.completion, delta.token_ids, delta.logprobs)
+                    yield dataclasses.replace(delta, index=delta.index[1])
         finally:
             for i in pending:
                 scheduler.abort((tag, i))
             self._outbox.pop(tag, None)
+
+    def warm_up(self) -> None:
+        """Run decode steps at batch 1 and 2 now, so that a compiled engine compiles its graphs here (tens of
+        seconds, once) rather than inside the first requests; the KV pool is then started afresh."""
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=3)
+        stop_ids, self.stop_ids = self.stop_ids, set()  # an eos must not end a warm-up row before it decodes
+        try:
+            self.generate([[0]], greedy)  # batch 1, at two lengths: the length becomes symbolic
+            self.generate([[1], [2]], greedy)  # every larger batch
+        finally:
+            self.stop_ids = stop_ids
+            self._scheduler = None
 
     @property
     def scheduler(self) -> Scheduler:
@@ -159,10 +172,11 @@ class Engine:
         return params
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
-                pad_mask: torch.Tensor | None) -> torch.Tensor:
-        # Only the last position's logits are needed: skip the output head for the rest of the prompt.
+                pad_mask: torch.Tensor | None, every: bool = False) -> torch.Tensor:
+        """Next-token logits [B, V] of the last position ([B, T, V] of every position when `every`)."""
         hidden = self.model.hidden_states(ids, positions, cache, pad_mask)
-        return self.model.logits(hidden[:, -1]).float()
+        # Usually only the last position's logits are needed: then the head skips the rest of the prompt.
+        return self.model.logits(hidden if every else hidden[:, -1]).float()
 
 
 def _listed(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -63,9 +63,9 @@ class KVPool:
         self.copy(src, dst)
         self.lengths[src] = 0
 
-    def decode_view(self, rows: int, static: bool = False) -> "DecodeView":
+    def decode_view(self, rows: int) -> "DecodeView":
         """A cache for one new token in each of slots 0..rows-1, each at its own length."""
-        return DecodeView(self, rows, static)
+        return DecodeView(self, rows)
 
     def prefill_view(self, slot: int) -> "PrefillView":
         """A cache for the next chunk of tokens of one slot."""
@@ -75,17 +75,17 @@ class KVPool:
 class DecodeView:
     """What the model sees of the pool in a decode step (KVCache's interface): rows 0..n-1, one token each.
 
-    static: attend over every slot position (fixed shapes but the row count, for the compiled decode step)."""
+    Everything the model call reads is a tensor or an int it may treat as a symbol (`end`), and nothing in
+    it loops over the rows, so one compiled graph serves every batch size and length."""
 
-    def __init__(self, pool: KVPool, rows: int, static: bool):
+    def __init__(self, pool: KVPool, rows: int):
         self.pool = pool
         self.rows = torch.arange(rows, device=pool.device)
         longest = max(pool.lengths[:rows])
         if longest >= pool.slot_len:  # checked here, on python ints, so that a compiled step has no graph break
             raise ValueError(f"KV slot full: a row exceeds its {pool.slot_len} positions")
         self.positions = torch.tensor(pool.lengths[:rows], device=pool.device)  # where each row writes
-        self.static = static
-        self.end = pool.slot_len if static else longest + 1
+        self.end = longest + 1
         self.length = self.end - 1
 
     def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
@@ -96,7 +96,7 @@ class DecodeView:
         """Store each row's new k/v [n, kv, 1, hd] at its own position; return the rows' keys/values."""
         keys, values = self.pool.keys[layer], self.pool.values[layer]
         n = len(self.rows)
-        if n == 1 and not self.static:  # one row (batch-1 decoding): a plain slice write, no scatter
+        if n == 1:  # one row (batch-1 decoding): a plain slice write, no scatter
             keys[:1, :, self.end - 1:self.end] = k
             values[:1, :, self.end - 1:self.end] = v
         else:
@@ -105,14 +105,18 @@ class DecodeView:
         return keys[:n, :, :self.end], values[:n, :, :self.end]
 
     def advance(self, new_tokens: int) -> None:
+        """Nothing here: the scheduler counts the step's tokens after the model call (`commit`)."""
+
+    def commit(self) -> None:
+        """Count the token each row just wrote."""
         for row in range(len(self.rows)):
-            self.pool.lengths[row] += new_tokens
+            self.pool.lengths[row] += 1
 
     def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor | None:
         """[n, 1, 1, end]: each row sees its own written positions and the new one (the newest `window`).
 
         None (attend to every key) for one row without a window: all its `end` positions are its own."""
-        if window is None and len(self.rows) == 1 and not self.static:
+        if window is None and len(self.rows) == 1:
             return None
         key = torch.arange(self.end, device=self.pool.device)[None]
         query = self.positions[:, None]

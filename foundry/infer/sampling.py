@@ -28,6 +28,7 @@ class SamplingParams:
     presence_penalty / frequency_penalty (OpenAI's, in [-2, 2], 0 is off) are subtracted from the logits of
     tokens already generated, once / per occurrence; logit_bias adds to given token ids' logits.
     logprobs: None is off; k >= 0 reports each sampled token's log-probability and the k most likely.
+    prompt_logprobs: the same for the prompt's tokens (each under the tokens before it; the first has none).
     A constraint object is used by one request only: it keeps that request's state."""
 
     max_new_tokens: int | None = None
@@ -42,6 +43,7 @@ class SamplingParams:
     frequency_penalty: float | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Constrained decoding: an object with mask(vocab_size) -> bool tensor [V] (True = allowed) or None,
     # advance(token_id) after every sampled token, and is_finished() (then the request stops, reason "stop").
     constraint: Any = field(default=None, compare=False, repr=False)
@@ -88,9 +90,11 @@ class SamplingParams:
                 raise UserError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
             if not (_is_number(b) and -100 <= b <= 100):
                 raise UserError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise UserError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top tokens to report), "
-                            f"got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise UserError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (top tokens to report), "
+                                f"got {value!r}")
 
     def resolve(self, generation_config: dict[str, Any] | None = None) -> "SamplingParams":
         """A copy with every unset field filled from generation_config.json, then from built-in defaults."""

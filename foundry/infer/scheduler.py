@@ -36,7 +36,7 @@ class TokenLogprob:
     """A sampled token's log-probability under the model, and the `top` most likely (id, logprob) pairs."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing before it gives it a probability
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -56,6 +56,8 @@ class Completion:
     # Prompt tokens whose keys/values came from the prefix cache instead of being computed.
     cached_tokens: int = field(default=0, compare=False)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
+    # One per prompt token when asked for (prompt_logprobs); the first one's logprob is None.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,6 +74,7 @@ class Delta:
     completion: Completion | None = None
     token_ids: list[int] = field(default_factory=list)  # the tokens sampled since the request's last delta
     logprobs: list[TokenLogprob] | None = None  # for those tokens, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first delta, when it asked for them
 
 
 class Request:
@@ -92,6 +95,10 @@ class Request:
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.cached_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprob(prompt_ids[0], None)]
+        self.prompt_logprobs_sent = False
         self.unsent: list[int] = []  # sampled tokens no delta carried yet
         # Counts of generated tokens, only for presence and frequency penalties.
         self.counts: torch.Tensor | None = None
@@ -137,14 +144,31 @@ class Request:
         first = self.first_token_at if self.first_token_at is not None else now
         return Completion(self.text.text if self.text else "", list(self.output), self.finish_reason or "length",
                           len(self.prompt_ids), len(self.output), first - self.started, now - self.started,
-                          self.cached_tokens, list(self.logprobs) if self.logprobs is not None else None)
+                          self.cached_tokens, list(self.logprobs) if self.logprobs is not None else None,
+                          self.prompt_logprobs)
+
+    def score_prompt(self, start: int, logits: torch.Tensor) -> None:
+        """Record the log-probabilities of prompt tokens start+1.. under the chunk's logits [T, V]."""
+        targets = self.prompt_ids[start + 1:start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        logprobs = logits[:len(targets)].float().log_softmax(dim=-1)
+        chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logits.device)].tolist()
+        k = self.params.prompt_logprobs
+        top = logprobs.topk(k) if k else None
+        for j, (token, value) in enumerate(zip(targets, chosen)):
+            pairs = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+            self.prompt_logprobs.append(TokenLogprob(token, value, pairs))
 
     def delta(self, text: str) -> "Delta":
         """A delta carrying `text` and the tokens sampled since the last one."""
         tokens, self.unsent = self.unsent, []
         logprobs = self.logprobs[len(self.logprobs) - len(tokens):] if self.logprobs is not None else None
         completion = self.completion() if self.finish_reason is not None else None
-        return Delta(self.index, text, completion, tokens, logprobs)
+        prompt = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            prompt, self.prompt_logprobs_sent = self.prompt_logprobs, True
+        return Delta(self.index, text, completion, tokens, logprobs, prompt)
 
 
 class Scheduler:
@@ -267,7 +291,9 @@ class Scheduler:
             if request.finish_reason is not None:
                 deltas.append(request.delta(text))
                 finished.append(request)
-            elif text or request.logprobs is not None:  # asked for logprobs: a delta per token
+            elif text or request.logprobs is not None or (request.prompt_logprobs is not None
+                                                          and not request.prompt_logprobs_sent):
+                # asked for logprobs: a delta per token; asked for the prompt's: a first delta at once
                 deltas.append(request.delta(text))
         for request in finished:
             self._retain(self.decoding.index(request))
@@ -293,10 +319,11 @@ class Scheduler:
     def _decode(self) -> torch.Tensor:
         """Feed each decoding row its last sampled token; their next-token logits [n, V]."""
         engine, n = self.engine, len(self.decoding)
-        view = self.pool.decode_view(n, static=engine.static_cache)
+        view = self.pool.decode_view(n)
         positions = view.positions
         ids = torch.tensor([r.next_token for r in self.decoding], device=engine.device)
         logits = engine._decode(ids[:, None], positions[:, None], view, None)
+        view.commit()
         threshold = engine.long_rope_from
         if threshold is not None:
             for j in (positions == threshold).nonzero().flatten().tolist():
@@ -319,7 +346,11 @@ class Scheduler:
                 break  # the next chunk does not fit this step's budget
             ids = torch.tensor([request.prompt_ids[start:start + size]], device=self.engine.device)
             positions = torch.arange(start, start + size, device=self.engine.device)[None]
-            logits = self.engine._logits(ids, positions, self.pool.prefill_view(slot), None)
+            every = request.prompt_logprobs is not None  # the prompt's own tokens are scored too
+            logits = self.engine._logits(ids, positions, self.pool.prefill_view(slot), None, every)
+            if every:
+                request.score_prompt(start, logits[0])
+                logits = logits[:, -1]
             spent += size
             if start + size == len(request.prompt_ids):
                 self.decoding.append(request)  # already in slot len(decoding)
@@ -364,6 +395,8 @@ class Scheduler:
             self.pool.lengths[slot] = 0
             return
         best, source = self._longest_prefix(request.prompt_ids)
+        if request.prompt_logprobs is not None:
+            best, source = 0, None  # scoring the prompt needs the logits of all of it: compute it afresh
         if slot in cache.entries:  # an idle slot's entry is in the way: keep it elsewhere if there is room
             tokens = cache.entries.pop(slot)
             idle = self._idle_slot()

@@ -223,6 +223,9 @@ class _Reply:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]  # every reported token of a choice
         self.unsent: list[list[TokenLogprob]] = [[] for _ in range(n)]  # not yet in a chunk
         self.sent_bytes = [bytearray() for _ in range(n)]  # completions' text_offset of streamed chunks
+        # echo with logprobs: each choice's prompt tokens, scored; the echo chunk waits for them.
+        self.prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.scored_echo = not self.chat and prepared.echo is not None and prepared.logprobs
         self.buffered = self.chat and prepared.tool_mode != "none"
 
     @property
@@ -239,6 +242,8 @@ class _Reply:
         """The first chunks of a stream: each chat choice's role, or each completion's echoed prompt."""
         if not self.chat:
             echo = self.prepared.echo or []
+            if self.scored_echo:
+                return []  # each echo goes out with its prompt's logprobs, once the prompt has been scored
             return [self.envelope([{"index": i, "text": text, "logprobs": None, "finish_reason": None}], stream=True)
                     for i, text in enumerate(echo)]
         return [self.envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -247,6 +252,12 @@ class _Reply:
     def take(self, delta: Any) -> list[dict[str, Any]]:
         """Record a delta; return the stream chunks it makes."""
         i, text, now = delta.index, delta.text, time.perf_counter()
+        chunks = []
+        if self.scored_echo and delta.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = delta.prompt_logprobs
+            logprobs = completion_logprobs(delta.prompt_logprobs, self.token_text, self.sent_bytes[i])
+            chunks.append(self.envelope([{"index": i, "text": self.prepared.echo[i], "logprobs": logprobs,
+                                          "finish_reason": None}], stream=True))
         if self.prepared.logprobs and delta.logprobs:
             # An end-of-sequence token is no part of the reply's text: it gets no entry either.
             mine = [lp for lp in delta.logprobs if lp.token_id not in self.prepared.stop_ids]
@@ -255,7 +266,6 @@ class _Reply:
         if self.leading[i]:
             text = text.lstrip()
             self.leading[i] = not text
-        chunks = []
         if text:
             if self.first_at is None:
                 self.first_at = now
@@ -323,7 +333,7 @@ class _Reply:
         """The non-streamed response."""
         choices = []
         for i in range(len(self.done)):
-            logprobs = self._logprobs(i, self.logprobs[i], bytearray())
+            logprobs = self._logprobs(i, self.prompt_logprobs[i] + self.logprobs[i], bytearray())
             if self.chat:
                 content, calls, finish = self._read(i)
                 message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}

@@ -8,6 +8,8 @@ backend runs, nothing else may use its engine's scheduler (Engine.generate/strea
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import collections
 import itertools
@@ -239,7 +241,7 @@ class Backend:
         if key not in self._active:
             return
         gen, pending = self._active[key]
-        gen.put(Delta(i, delta.text, delta.completion, delta.token_ids, delta.logprobs))
+        gen.put(dataclasses.replace(delta, index=i))
         if delta.completion is not None:
             self._hit_tokens += delta.completion.cached_tokens
             pending.discard(i)

@@ -62,7 +62,8 @@ def completion_logprobs(logprobs: list[TokenLogprob], text: TokenText, so_far: b
         token, raw = text(lp.token_id)
         out["tokens"].append(token)
         out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append({text(t)[0]: v for t, v in lp.top})
+        # A prompt's first token has no probability and no alternatives: null for both, as OpenAI writes it.
+        out["top_logprobs"].append({text(t)[0]: v for t, v in lp.top} if lp.logprob is not None else None)
         out["text_offset"].append(len(so_far.decode("utf-8", "ignore")))
         so_far.extend(raw)
     return out

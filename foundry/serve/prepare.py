@@ -86,14 +86,15 @@ def _budget(asked: int | None, param: str, prompt_len: int, default: int | None,
 
 
 def _params(request: CompletionRequest | ChatRequest, max_new: int, stops: list[str], choice: int,
-            logprobs: int | None = None, constraint: Constraint | None = None) -> SamplingParams:
+            logprobs: int | None = None, constraint: Constraint | None = None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
     # Choices of one request must differ when sampled: each takes its own seed, derived from the request's.
     seed = None if request.seed is None else (request.seed + choice) % 2**63
     try:
         return SamplingParams(max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
                               seed=seed, stop=stops, presence_penalty=request.presence_penalty,
                               frequency_penalty=request.frequency_penalty, logit_bias=dict(request.logit_bias or {}),
-                              logprobs=logprobs, constraint=constraint)
+                              logprobs=logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs)
     except UserError as exc:
         raise APIError(400, str(exc), "invalid_value") from None
 
@@ -153,9 +154,6 @@ def prepare_completion(request: CompletionRequest, engine: Engine, config: Serve
                        "invalid_value", "prompt")
     if stops and engine.tokenizer is None:
         raise APIError(400, "stop strings need a tokenizer; this model has none", "invalid_value", "stop")
-    if request.echo and request.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
-                            "compute: drop one of them", "unsupported_parameter", "echo")
     if request.echo and engine.tokenizer is None:
         raise APIError(400, "echo needs a tokenizer to write the prompt as text; this model has none",
                        "invalid_value", "echo")
@@ -171,7 +169,10 @@ def prepare_completion(request: CompletionRequest, engine: Engine, config: Serve
         total += len(ids)
         for j in range(request.n):
             prompts.append(ids)
-            params.append(_params(request, max_new, stops, len(params), request.logprobs))
+            # echo with logprobs: the prompt's tokens are scored too (what lm-eval's loglikelihood reads).
+            prompt_logprobs = request.logprobs if request.echo else None
+            params.append(_params(request, max_new, stops, len(params), request.logprobs,
+                                  prompt_logprobs=prompt_logprobs))
             if request.echo:
                 echo.append(p if isinstance(p, str) else engine.tokenizer.decode(ids))
     return Prepared(prompts, params, total, logprobs=request.logprobs is not None, stop_ids=set(engine.stop_ids),
