@@ -272,11 +272,33 @@ def test_bad_response_formats_are_user_errors(tok, fmt, message):
     assert "\n" not in str(info.value)
 
 
-def test_text_and_unforced_tools_are_unconstrained(tok):
+def test_text_and_tool_choice_none_are_unconstrained(tok):
     assert constraint_for_response_format({"type": "text"}, tok) is None
     assert constraint_for_response_format(None, tok) is None
-    for choice in (None, "auto", "none"):
-        assert constraint_for_tool_call(TOOLS, choice, tok) is None
+    assert constraint_for_tool_call(TOOLS, "none", tok) is None
+    assert constraint_for_tool_call(None, "auto", tok) is None
+
+
+def _accepts(constraint, tok, text: str) -> bool:
+    for token in tok.encode(text, add_special_tokens=False):
+        allowed = constraint.mask(tok.vocab_size)
+        if allowed is not None and not allowed[token]:
+            return False
+        constraint.advance(token)
+    return True
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+def test_auto_allows_text_or_one_valid_call(tok, choice):
+    def fresh():
+        return constraint_for_tool_call(TOOLS, choice, tok)
+
+    assert _accepts(fresh(), tok, "Sure, here it is {not a call}")  # text may hold braces after its start
+    call = fresh()
+    assert _accepts(call, tok, json.dumps({"name": "add", "arguments": {"a": 1, "b": -2}}))
+    assert call.is_finished()  # one call, and nothing after it
+    assert not _accepts(fresh(), tok, '{"name": "no_such_function"')  # opening "{" commits to a call
+    assert not _accepts(fresh(), tok, " {")  # nor can a call hide behind leading space
 
 
 @pytest.mark.parametrize("tools, choice, message", [

@@ -127,6 +127,34 @@ def test_a_streamed_forced_call_ends_with_a_tool_calls_delta(client):
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
 
 
+def test_auto_replies_are_text_or_calls_that_validate(client, tok):
+    # A bias toward "{" makes a random model open some replies with it: each of those must be a valid call.
+    bias = {str(tok.encode("{", add_special_tokens=False)[0]): 5.0}
+    kinds = set()
+    for seed in range(6):
+        reply = client.chat.completions.create(model="tiny", messages=ASK, temperature=1, n=4, seed=seed,
+                                               max_tokens=300, tools=TOOLS, logit_bias=bias)
+        for c in reply.choices:
+            if c.message.tool_calls:
+                (call,) = c.message.tool_calls
+                assert c.finish_reason == "tool_calls" and c.message.content is None
+                check(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+                kinds.add("call")
+            else:
+                assert not c.message.content.lstrip().startswith("{"), c.message.content
+                kinds.add("text")
+    assert kinds == {"call", "text"}
+
+
+def test_auto_text_streams_token_by_token(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, temperature=0, max_tokens=20,
+                                                 tools=TOOLS, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    whole = client.chat.completions.create(model="tiny", messages=ASK, temperature=0, max_tokens=20, tools=TOOLS)
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert not whole.choices[0].message.tool_calls
+
+
 def test_tools_reach_the_prompt_and_a_tool_conversation_is_accepted(client):
     plain = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0)
     auto = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0, tools=TOOLS)

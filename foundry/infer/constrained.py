@@ -107,10 +107,21 @@ def constraint_for_schema(schema: Any, tokenizer: Tokenizer, what: str = "respon
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as exc:  # not serializable as JSON
         raise UserError(f"{what}: the schema is not valid JSON ({exc})") from None
+    return _constraint(grammar, tokenizer, what, "invalid JSON schema", stop_ids)
+
+
+def constraint_for_grammar(lark: str, tokenizer: Tokenizer, what: str,
+                           stop_ids: Iterable[int] | None = None) -> Constraint:
+    """A Constraint to a grammar in llguidance's Lark syntax (which may inline JSON schemas as `%json {...}`)."""
+    return _constraint(llguidance.LLMatcher.grammar_from_lark(lark), tokenizer, what, "invalid grammar", stop_ids)
+
+
+def _constraint(grammar: str, tokenizer: Tokenizer, what: str, invalid: str,
+                stop_ids: Iterable[int] | None) -> Constraint:
     matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
     if matcher.is_error():
         # llguidance's message names the keyword ("Invalid type: foo", "Unknown keyword: ...").
-        raise UserError(f"{what}: invalid JSON schema: {_one_line(matcher.get_error())}")
+        raise UserError(f"{what}: {invalid}: {_one_line(matcher.get_error())}")
     return Constraint(matcher, tokenizer.stop_ids if stop_ids is None else stop_ids, what)
 
 

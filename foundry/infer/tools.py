@@ -3,8 +3,10 @@
 A forced call (`tool_choice` "required" or a named function) is constrained to one JSON object
 `{"name": <a function>, "arguments": <its parameters>}`, the call format of the Hermes/Qwen/Llama 3
 tool templates without their tags; `name` comes first so the grammar knows which schema the
-arguments follow. `auto` and `none` are not constrained: the model may answer in text, and
-`parse_tool_calls` picks out the calls it made (a bare call object or list, or `<tool_call>` blocks).
+arguments follow. `auto` is constrained to text or such a call: a reply that opens with `{` must be
+a valid call (llguidance's documented pattern for Llama 3.1's JSON tool calling); one that opens
+otherwise is free text. `none` is not constrained. `parse_tool_calls` picks out the calls a reply
+made (a bare call object or list, or `<tool_call>` blocks).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from foundry.core.errors import UserError
-from foundry.infer.constrained import Constraint, constraint_for_schema
+from foundry.infer.constrained import JSON_OPTIONS, Constraint, constraint_for_grammar, constraint_for_schema
 from foundry.tokenizer import Tokenizer
 
 # OpenAI: a function without `parameters` takes an empty parameter list.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 _LITERAL_KEYWORDS = {"const", "enum", "default", "examples"}
 _TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# tool_choice "auto": free text that opens with neither "{" nor a space, or one call (an empty reply too).
+AUTO_GRAMMAR = "start: TEXT | call\nTEXT: /([^{\\s](.|\\n)*)?/\ncall: %json "
+CALL_OPENINGS = ("{", "<tool_call>")  # how a reply that is a call starts
 
 
 def function_schemas(tools: list[dict] | None) -> dict[str, dict]:
@@ -96,19 +101,27 @@ def _rebase_refs(schema: Any, base: str) -> Any:
 
 def constraint_for_tool_call(tools: list[dict] | None, tool_choice: Any, tokenizer: Tokenizer,
                              stop_ids: Iterable[int] | None = None) -> Constraint | None:
-    """The Constraint of a forced tool call, or None when tool_choice leaves the model free."""
+    """The Constraint of a forced tool call, or of `auto`'s text-or-call; None for "none" or no tools."""
     names = chosen_functions(tools, tool_choice)
-    if names is None:
-        return None
     schemas = function_schemas(tools)
+    if names is None:
+        if tool_choice == "none" or not schemas:
+            return None
+        # The call written as a forced one is (x-guidance: the same separators as constraint_for_schema's).
+        calls = {**_calls_schema(list(schemas), schemas, tokenizer, stop_ids), "x-guidance": JSON_OPTIONS}
+        return constraint_for_grammar(AUTO_GRAMMAR + json.dumps(calls), tokenizer, "tool call", stop_ids)
+    return constraint_for_schema(_calls_schema(names, schemas, tokenizer, stop_ids), tokenizer, "tool call", stop_ids)
+
+
+def _calls_schema(names: list[str], schemas: dict[str, dict], tokenizer: Tokenizer,
+                  stop_ids: Iterable[int] | None) -> dict:
+    """The schema of one call to any of `names`; each function's schema is checked alone first."""
     # Compile each function alone first, so an invalid schema is named by its function.
     for name in names:
         constraint_for_schema(call_schema(name, schemas[name]), tokenizer, f"tool {name!r} parameters", stop_ids)
     if len(names) == 1:
-        schema = call_schema(names[0], schemas[names[0]])
-    else:
-        schema = {"anyOf": [call_schema(name, schemas[name], f"/anyOf/{i}") for i, name in enumerate(names)]}
-    return constraint_for_schema(schema, tokenizer, "tool call", stop_ids)
+        return call_schema(names[0], schemas[names[0]])
+    return {"anyOf": [call_schema(name, schemas[name], f"/anyOf/{i}") for i, name in enumerate(names)]}
 
 
 def parse_tool_calls(text: str, tools: list[dict] | None) -> list[dict]:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from foundry.core.errors import UserError
 from foundry.infer.engine import Completion, Engine
 from foundry.infer.scheduler import TokenLogprob
-from foundry.infer.tools import split_tool_calls
+from foundry.infer.tools import CALL_OPENINGS, split_tool_calls
 from foundry.serve.auth import require_key
 from foundry.serve.backend import Backend, Draining, Generation, QueueFull
 from foundry.serve.config import ServeConfig
@@ -203,9 +203,10 @@ def _event(chunk: dict[str, Any], include_usage: bool) -> str:
 class _Reply:
     """Builds one request's response, whole or as chunks, from the engine's deltas; feeds the metrics.
 
-    Replies that may hold tool calls are not streamed as text: each is read when it ends (a forced call is
-    JSON that means nothing until whole; "auto" text cannot be told from a call's start), then sent as one
-    chunk of content and/or tool_calls."""
+    Replies that may hold tool calls are not streamed as text until it is clear they are text: a forced
+    call is JSON that means nothing until whole, so it is read when it ends and sent as one chunk of
+    tool_calls; under "auto" a reply is held only while it may still open as a call ("{" or
+    "<tool_call>"), then either streamed as text or, being a call, read whole."""
 
     def __init__(self, kind: str, model: str, prepared: Prepared, metrics: Metrics, arrived: float,
                  tokenizer: Any = None):
@@ -226,7 +227,9 @@ class _Reply:
         # echo with logprobs: each choice's prompt tokens, scored; the echo chunk waits for them.
         self.prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.scored_echo = not self.chat and prepared.echo is not None and prepared.logprobs
-        self.buffered = self.chat and prepared.tool_mode != "none"
+        # Per choice: held back (a call, or not yet known: `undecided`) or streamed as text.
+        self.buffered = [self.chat and prepared.tool_mode != "none"] * n
+        self.undecided = [self.chat and prepared.tool_mode == "auto"] * n
 
     @property
     def chat(self) -> bool:
@@ -274,14 +277,16 @@ class _Reply:
                 self.metrics.itl.observe(now - self.last_at[i])
             self.last_at[i] = now
             self.texts[i].append(text)
-            if not self.buffered:
+            if self.undecided[i]:
+                chunks += self._decide(i)
+            elif not self.buffered[i]:
                 chunks.append(self._chunk(i, {"content": text} if self.chat else text, None))
         if delta.completion is not None:
             self.done[i] = delta.completion
             self.metrics.generation_tokens.inc(delta.completion.completion_tokens)
             if all(c is not None for c in self.done):
                 self.metrics.prompt_tokens.inc(self.prepared.prompt_tokens)
-            if self.buffered:
+            if self.buffered[i]:
                 content, calls, finish = self._read(i)
                 piece: dict[str, Any] = {"content": content} if content else {}
                 if calls:
@@ -292,13 +297,21 @@ class _Reply:
                 chunks.append(self._chunk(i, {} if self.chat else "", delta.completion.finish_reason))
         return chunks
 
+    def _decide(self, i: int) -> list[dict[str, Any]]:
+        """Under "auto": once choice i's text can no longer open as a call, stream it as text from now on."""
+        seen = "".join(self.texts[i]).lstrip()
+        if any(opening.startswith(seen) or seen.startswith(opening) for opening in CALL_OPENINGS):
+            return []  # a call, or still maybe one: held until the reply ends
+        self.undecided[i] = self.buffered[i] = False
+        return [self._chunk(i, {"content": "".join(self.texts[i])}, None)]
+
     def _read(self, i: int) -> tuple[str | None, list[dict[str, Any]], str]:
         """(content, tool_calls, finish_reason) of finished choice i."""
         text = "".join(self.texts[i])
         finish = self.done[i].finish_reason if self.done[i] else "length"
         mode = self.prepared.tool_mode
-        if mode == "none":
-            return text, [], finish
+        if mode == "none" or (mode == "auto" and not text.lstrip().startswith(CALL_OPENINGS)):
+            return text, [], finish  # "auto" text that did not open as a call is text, streamed or not
         content, calls = split_tool_calls(text, self.prepared.tools)
         if not calls:
             return text, [], finish  # a forced call cut short by max_tokens stays text, with reason "length"

@@ -198,11 +198,12 @@ def prepare_chat(request: ChatRequest, engine: Engine, config: ServeConfig) -> P
     if request.response_format is not None:
         fmt = _user_error("response_format", constraint_for_response_format, request.response_format,
                           engine.tokenizer, engine.stop_ids)
-        if fmt is not None and constraint is not None:
+        if fmt is not None and tool_mode == "forced":
             raise APIError(400, "response_format and a forced tool call cannot both shape the reply: drop one",
                            "invalid_value", "response_format")
         if fmt is not None:
-            constraint, tool_mode = fmt, "none"  # a JSON reply is the answer, not a call to read out of it
+            # A JSON reply is the answer, not a call to read out of it ("auto" then means "answer in the format").
+            constraint, tool_mode = fmt, "none"
     try:
         if tools is not None or _has_tool_turns(messages):
             # Tools go to the template, which shows them to the model in the format it was trained on.
@@ -270,8 +271,8 @@ def _tools(request: ChatRequest, engine: Engine, messages: list[dict[str, Any]]
     forced = _user_error("tool_choice", chosen_functions, request.tools, request.tool_choice)
     if not request.tools:
         return None, "none", None
-    if forced is None:
-        return request.tools, "none" if request.tool_choice == "none" else "auto", None
     constraint = _user_error("tools", constraint_for_tool_call, request.tools, request.tool_choice,
-                             engine.tokenizer, engine.stop_ids)
+                             engine.tokenizer, engine.stop_ids)  # "auto": text, or a valid call
+    if forced is None:
+        return request.tools, "none" if request.tool_choice == "none" else "auto", constraint
     return request.tools, "forced", constraint
