@@ -1,5 +1,7 @@
 """The Scheduler: requests that join and leave mid-way get the tokens they get alone; the KV pool's budget holds."""
 
+import threading
+
 import pytest
 import torch
 
@@ -220,6 +222,32 @@ def test_logprobs_are_the_models_and_come_with_every_token(llama):
         assert [t for t, _ in entry.top] == expected[step].topk(3).indices.tolist()
         assert entry.top[0] == (entry.token_id, entry.logprob)  # greedy took the most likely
     assert engine.generate([ids], greedy(5))[0].logprobs is None
+
+
+def test_streams_from_several_threads_share_the_scheduler_and_keep_their_tokens(llama):
+    engine = Engine(llama, prefill_chunk=5)
+    scheduler, busiest = engine.scheduler, []
+    step = scheduler.step
+
+    def counting_step():
+        busiest.append(scheduler.running)
+        return step()
+
+    scheduler.step = counting_step
+    results, start = {}, threading.Barrier(len(REQUESTS))
+
+    def run(rid: str) -> None:
+        ids, n = REQUESTS[rid]
+        start.wait()
+        results[rid] = engine.generate([ids], greedy(n))[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(rid,)) for rid in REQUESTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {rid: naive_greedy(llama, ids, n) for rid, (ids, n) in REQUESTS.items()}
+    assert max(busiest) > 1  # they really ran in one batch
 
 
 def test_prompt_logprobs_score_every_prompt_token_across_chunks_and_skip_the_prefix_cache(llama):

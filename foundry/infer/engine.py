@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -62,6 +63,7 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._tags = itertools.count()
         self._outbox: defaultdict[int, list[Delta]] = defaultdict(list)
+        self._lock = threading.RLock()  # streams of several threads share the scheduler
 
     def _pad_id(self, tokenizer: Any) -> int:
         """The model's padding id: generation_config's, config.json's, the tokenizer's, else 0.
@@ -97,35 +99,41 @@ class Engine:
                ) -> Iterator[Delta]:
         """Complete every prompt, yielding text deltas as they become safe to show (index = prompt position).
 
-        The prompts go through the engine's one Scheduler, beside those of any other open stream; closing
-        the generator early aborts its unfinished requests and frees their cache."""
+        The prompts go through the engine's one Scheduler, beside those of any other open stream, from
+        this thread or others: whichever stream needs output next runs the next step for all of them.
+        Closing the generator early aborts its unfinished requests and frees their cache."""
         prompts = _listed(prompts)
         params = self._params(len(prompts), params)
         prompt_ids = [self.encode(p) for p in prompts]  # every prompt is checked before any output
-        scheduler, tag, started = self.scheduler, next(self._tags), time.perf_counter()
+        tag, started = next(self._tags), time.perf_counter()
         pending: set[int] = set()
         try:
-            for i, (ids, p) in enumerate(zip(prompt_ids, params)):
-                try:
-                    scheduler.add_request((tag, i), ids, p, started)
-                except UserError as e:
-                    raise UserError(f"prompt {i}: {e}") from None
-                pending.add(i)
+            with self._lock:
+                scheduler = self.scheduler
+                for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+                    try:
+                        scheduler.add_request((tag, i), ids, p, started)
+                    except UserError as e:
+                        raise UserError(f"prompt {i}: {e}") from None
+                    pending.add(i)
             while pending:
-                mine = self._outbox.pop(tag, [])
-                if not mine:
-                    if not scheduler.has_work():
-                        raise RuntimeError("scheduler has no work but requests are pending")
-                    for delta in scheduler.step():  # another stream's deltas wait in its outbox
-                        self._outbox[delta.index[0]].append(delta)
+                with self._lock:  # one step at a time; the deltas are yielded outside it
+                    mine = self._outbox.pop(tag, [])
+                    if not mine:
+                        if not scheduler.has_work():
+                            raise RuntimeError("scheduler has no work but requests are pending")
+                        for delta in scheduler.step():  # another stream's deltas wait in its outbox
+                            self._outbox[delta.index[0]].append(delta)
+                        mine = self._outbox.pop(tag, [])
                 for delta in mine:
                     if delta.completion is not None:
                         pending.discard(delta.index[1])
                     yield dataclasses.replace(delta, index=delta.index[1])
         finally:
-            for i in pending:
-                scheduler.abort((tag, i))
-            self._outbox.pop(tag, None)
+            with self._lock:
+                for i in pending:
+                    self.scheduler.abort((tag, i))
+                self._outbox.pop(tag, None)
 
     def warm_up(self) -> None:
         """Run decode steps at batch 1 and 2 now, so that a compiled engine compiles its graphs here (tens of
