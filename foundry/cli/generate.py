@@ -186,7 +186,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="auto (fp32 on CPU; on a GPU bf16, or fp16 for an fp16 checkpoint), fp32, bf16 (a warning "
                         "on a CPU without bf16 instructions; refused on a GPU without bf16), fp16 (GPU only)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster tokens after a one-off compile of tens of seconds")
+                   help="compile the decode step: faster tokens after a one-off compile of a minute or so")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: off)")

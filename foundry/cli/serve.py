@@ -69,7 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, how long running requests may take to finish before they are stopped")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights' dtype (auto: fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step before serving (/health answers 503 meanwhile: a minute or two on "
+                        "two cores), then faster decoding (benchmarks/decode_throughput.py measures it)")
 
 
 def main(argv: list[str] | None = None) -> int:
