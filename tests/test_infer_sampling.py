@@ -28,6 +28,11 @@ def test_bad_settings_are_user_errors(bad):
         SamplingParams(**bad)
 
 
+def test_prompt_logprobs_out_of_range_is_named():
+    with pytest.raises(UserError, match=r"prompt_logprobs must be an integer in \[0, 20\]"):
+        SamplingParams(prompt_logprobs=21)
+
+
 def test_a_single_stop_string_is_accepted_as_a_list():
     assert SamplingParams(stop="\n\n").stop == ["\n\n"]
 

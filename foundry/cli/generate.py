@@ -52,7 +52,7 @@ def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str 
     if engine.tokenizer is None:
         raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
     if compile:
-        (err or sys.stderr).write("compiling the decode step (tens of seconds, once)...\n")
+        (err or sys.stderr).write("compiling the decode step (a minute or two on two cores, once)...\n")
         engine.warm_up()
     return engine
 

@@ -41,7 +41,7 @@ class Engine:
         self.generation_config = dict(generation_config or {})
         self.max_batch_size = max_batch_size
         # compile: the decode step becomes a compiled graph for every batch size and length (infer/compiled.py).
-        # It costs tens of seconds once per process, so it is for long sessions.
+        # It costs a minute or two once per process on two cores, so it is for long sessions.
         # prepack: swap large fp32 linears for oneDNN-packed ones (CPU). It changes the model in place,
         # so it is off for a model handed in (it may still be training) and on in Engine.load.
         self.prepacked = prepack and not compile and can_prepack(self.model, self.device)

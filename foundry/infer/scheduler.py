@@ -152,7 +152,7 @@ class Request:
         targets = self.prompt_ids[start + 1:start + 1 + logits.shape[0]]
         if not targets:
             return
-        logprobs = logits[:len(targets)].float().log_softmax(dim=-1)
+        logprobs = logits[:len(targets)].log_softmax(dim=-1)
         chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logits.device)].tolist()
         k = self.params.prompt_logprobs
         top = logprobs.topk(k) if k else None
