@@ -48,6 +48,8 @@ def resolve_model_dir(spec: str | Path, revision: str | None = None, token: str 
         if has_weights(path):
             return path
         return complete_snapshot(path, patterns) or path  # a Hub snapshot holding only config.json so far
+    if (path / "adapter_config.json").is_file():
+        return path  # a LoRA adapter (PEFT layout): `load` loads its base and folds it in
     if path.is_dir():
         ckpt = latest_checkpoint(path)
         if ckpt is not None:
@@ -84,20 +86,17 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-def load_weights(model: Transformer, model_dir: Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, trust_pickle: bool = False) -> None:
-    """Fill a (meta-device) model with a directory's weights, tensor by tensor, checking every name and shape."""
-    config = model.config
+def read_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.Size], device: str | torch.device,
+               dtype: torch.dtype | None, trust_pickle: bool = False, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A directory's weights under foundry's names, checked against `expected` (name -> shape): every name there,
+    nothing else; HF names in `skip` are passed over (a tied or unused output head some files carry)."""
     layout = layout_of(config)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
     kind, files = weight_files(model_dir, trust_pickle)
     state: dict[str, torch.Tensor] = {}
     unexpected = []
     for hf_name, tensor in read_tensors(kind, files):
-        if config.tie_word_embeddings and hf_name == "lm_head.weight":
-            continue  # some files store the tied head too
+        if hf_name in skip:
+            continue
         try:
             parts = layout.to_foundry(hf_name, tensor, expected)
         except UserError as exc:
@@ -112,7 +111,19 @@ def load_weights(model: Transformer, model_dir: Path, device: str | torch.device
         raise UserError(f"{model_dir}: the weights do not match config.json ({config.architecture}): "
                         + "; ".join(f"{len(names)} {what}, first {names[0]}"
                                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
-    model.load_state_dict(state, strict=False, assign=True)
+    return state
+
+
+def load_weights(model: Transformer, model_dir: Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, trust_pickle: bool = False) -> None:
+    """Fill a (meta-device) model with a directory's weights, tensor by tensor, checking every name and shape."""
+    config = model.config
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    skip = ("lm_head.weight",) if config.tie_word_embeddings else ()  # some files store the tied head too
+    model.load_state_dict(read_state(model_dir, config, expected, device, dtype, trust_pickle, skip),
+                          strict=False, assign=True)
     model.tie_weights()
     model.init_rotary(device)  # buffers were built on the meta device
 
@@ -125,6 +136,8 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     The model is built on the meta device and filled with memory-mapped weights, so loading needs about one
     copy of them. dtype None keeps the checkpoint's dtype (config.json's, else the files')."""
     model_dir = resolve_model_dir(spec, revision, token, cache_dir, trust_pickle)
+    if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
+        return _load_adapter_dir(model_dir, device, dtype, with_tokenizer, trust_pickle)
     config = read_config(model_dir)
     with torch.device("meta"):
         model = Transformer(config)
@@ -137,6 +150,29 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         tokenizer = Tokenizer.load(model_dir)
     return LoadedModel(model, config, model_dir, tokenizer,
                        _read_json(model_dir / "generation_config.json"), _read_json(model_dir / "foundry.json"))
+
+
+def _load_adapter_dir(adapter_dir: Path, device: str | torch.device, dtype: torch.dtype | None,
+                      with_tokenizer: bool, trust_pickle: bool) -> LoadedModel:
+    """A LoRA adapter directory as a model: its base (adapter_config's base_model_name_or_path) with the adapter
+    folded into the weights, checked against the base's fingerprint; the adapter's own tokenizer if it has one."""
+    from foundry.hub.adapter import base_fingerprint, load_adapter, read_adapter_config
+    from foundry.model.lora import merge_lora
+
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path: load its base and "
+                        f"the adapter with `foundry merge BASE {adapter_dir} --out DIR`")
+    loaded = load(base, device, dtype, with_tokenizer, trust_pickle=trust_pickle)
+    load_adapter(loaded.model, adapter_dir, base_fingerprint(loaded.path))
+    merge_lora(loaded.model)
+    tokenizer = loaded.tokenizer
+    if with_tokenizer and (adapter_dir / "tokenizer.json").is_file():
+        from foundry.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(adapter_dir)
+    return LoadedModel(loaded.model, loaded.config, adapter_dir, tokenizer, loaded.generation_config,
+                       _read_json(adapter_dir / "foundry.json"))
 
 
 def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None,

@@ -13,4 +13,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     ckpt = run_dir / pointer.read_text().strip()
-    return ckpt if (ckpt / "config.json").is_file() else None
+    return ckpt if is_complete(ckpt) else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint directory holds a model: its config.json, or a LoRA adapter's (written last)."""
+    return (checkpoint / "config.json").is_file() or (checkpoint / "adapter_config.json").is_file()

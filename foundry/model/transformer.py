@@ -98,20 +98,27 @@ class Transformer(nn.Module):
         return out
 
     def _masks(self, t: int, cache: KVCache | None, pad_mask: torch.Tensor | None,
-               device: torch.device) -> dict[str, torch.Tensor | None]:
+               device: torch.device, segments: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         # Boolean attention masks per layer type; None means plain causal attention.
         out: dict[str, torch.Tensor | None] = {}
         for kind in set(self.layer_types):
             window = self.config.sliding_window if kind == "sliding_attention" else None
             if cache is not None:
                 out[kind] = cache.attention_mask(t, window)
-            elif pad_mask is None and window is None:
+            elif pad_mask is None and window is None and segments is None:
                 out[kind] = None
             else:
                 allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril()
                 if window is not None:
                     allowed = allowed.triu(diagonal=1 - window)
-                if pad_mask is None:
+                if segments is not None:
+                    # Segments are contiguous, so the window counted in row slots is the one within the example;
+                    # each token sees itself, so no query is left without a key.
+                    allowed = allowed[None] & (segments[:, :, None] == segments[:, None, :])
+                    if pad_mask is not None:
+                        allowed = (allowed & pad_mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=device)
+                    out[kind] = allowed[:, None]
+                elif pad_mask is None:
                     out[kind] = allowed[None, None]
                 else:
                     # A padding query would see no key at all (NaN softmax); let it see itself.
@@ -120,14 +127,22 @@ class Transformer(nn.Module):
         return out
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, pad_mask: torch.Tensor | None = None, *,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for token ids [B, T].
 
         positions: position ids [B, T] (default: the cache length onwards).
         cache: a KVCache to read and extend (incremental decoding).
-        pad_mask: [B, T] True for real tokens, False for left padding."""
+        pad_mask: [B, T] True for real tokens, False for left padding.
+        segments: [B, T] int, the example each token of a packed row belongs to: a token attends only to
+        earlier tokens of its own segment (give padding a segment of its own); positions default to restarting
+        at 0 where the segment changes. Not with a cache."""
         b, t = input_ids.shape
+        if segments is not None and cache is not None:
+            raise ValueError("segments (packed rows) are for training and scoring, not for decoding with a cache")
         start = cache.length if cache is not None else 0
+        if positions is None and segments is not None:
+            positions = _segment_positions(segments)
         if positions is None:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)
@@ -140,7 +155,7 @@ class Transformer(nn.Module):
             rotary = self._rotary(positions, torch.float32 if self.config.upcast_norm_and_rope else x.dtype)
         if cache is not None:
             cache.reserve(t, pad_mask)
-        masks = self._masks(t, cache, pad_mask, x.device)
+        masks = self._masks(t, cache, pad_mask, x.device, segments)
         for layer, kind in zip(self.model.layers, self.layer_types):
             cos, sin = rotary.get(kind, (None, None))
             if self.activation_checkpointing and self.training:
@@ -160,6 +175,15 @@ class Transformer(nn.Module):
         return logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, pad_mask: torch.Tensor | None = None, *,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] (see hidden_states for the options)."""
-        return self.logits(self.hidden_states(input_ids, positions, cache, pad_mask))
+        return self.logits(self.hidden_states(input_ids, positions, cache, pad_mask, segments=segments))
+
+
+def _segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever the segment id changes along a row."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
