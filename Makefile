@@ -29,4 +29,4 @@ test: install-dev
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf $(VENV) demo-out runs
+	rm -rf $(VENV) demo-out demo-sft-out examples-out runs

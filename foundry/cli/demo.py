@@ -102,6 +102,11 @@ def run_demo(out: str | Path, time_budget: float | None = 300.0, preset_name: st
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    if args.recipe == "sft":
+        from foundry.cli.demo_finetune import run_finetune_demo
+
+        run_finetune_demo(args.out if args.out != "demo-out" else "demo-sft-out", overwrite=args.overwrite)
+        return
     run_demo(args.out, time_budget=args.time_budget, preset_name=args.model, overwrite=args.overwrite,
              steps=args.steps, corpus=args.corpus or ["stdlib"])
 
@@ -118,3 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what to train on: stdlib, stdlib-all (generated data modules too), files or "
                         "directories (default: stdlib)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    p.add_argument("--recipe", choices=("pretrain", "sft"), default="pretrain",
+                   help="pretrain: the life cycle above; sft: fine-tune a small model on an embedded task and show "
+                        "held-out exact match before and after (out: demo-sft-out)")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from typing import TYPE_CHECKING
 
 from foundry.core.units import human_duration
 from foundry.cli.parsing import add_verb
-from foundry.train.config import ACTIONS, FIXED_ON_RESUME, FREE_ON_RESUME, TrainConfig, field_types, flag_name
+from foundry.train.config import ACTIONS, FIXED_ON_RESUME, FREE_ON_RESUME, TrainConfig, flag_name
 
 if TYPE_CHECKING:
     from foundry.train.loop import TrainResult
@@ -68,8 +69,12 @@ def summary_lines(result: TrainResult) -> list[str]:
         lines.append(f"  MFU           {result.mfu * 100:.3g}% of a {_flops(result.peak_flops)} peak ({result.peak_source})")
     else:
         lines.append(f"  MFU           unknown: {result.peak_source or 'no peak FLOP/s known for this device'}")
-    if result.baseline is None:
-        lines.append("  validation    none: the data directory has no validation split")
+    if result.baseline is None and result.val is None:
+        lines.append("  validation    none: no validation split (pretraining: the data directory has none; fine-tuning: --val-fraction 0)")
+    elif result.baseline is None:  # a fine-tuning recipe: its held-out loss and figures
+        extra = "".join(f", {name.replace('_', ' ')} {value:.4g}"
+                        for name, value in getattr(result.val, "metrics", {}).items())
+        lines.append(f"  validation    final loss {result.val.loss:.4f}{extra} on the held-out set")
     else:
         if result.val is not None:
             lines.append(f"  validation    final loss {result.val.loss:.4f} (perplexity {result.val.perplexity:,.2f})")
@@ -96,14 +101,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="RUN.yaml",
-                   help="training settings from a YAML file (a run's run.yaml works); flags override it")
-    types = field_types()
-    for f in dataclasses.fields(TrainConfig):
-        kind = types[f.name][0]
-        shown = f.metadata["shown"] or ({True: "on", False: "off"}[f.default] if kind is bool else str(f.default))
-        text = f"{f.metadata['help']} ({'' if shown.startswith('required') else 'default: '}{shown})"
+def add_settings_flags(p: argparse.ArgumentParser, cls: type = TrainConfig, skip: tuple[str, ...] = (),
+                       defaults: dict[str, object] | None = None, helps: dict[str, str] | None = None) -> None:
+    """One flag per field of a settings dataclass (TrainConfig, FinetuneConfig), its help from the field.
+
+    defaults: what --help shows as the default where a verb sets its own (finetune's shorter runs); the flags
+    themselves default to None so that "given on the command line" stays visible."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        options = typing.get_args(types[f.name]) or (types[f.name],)
+        kind = next(t for t in options if t is not type(None))
+        default = (defaults or {}).get(f.name, f.default)
+        shown = f.metadata["shown"] or ({True: "on", False: "off"}[default] if kind is bool else str(default))
+        text = f"{(helps or {}).get(f.name, f.metadata['help'])} " \
+               f"({'' if shown.startswith('required') else 'default: '}{shown})"
         flag = f"--{flag_name(f.name)}"
         if kind is bool:
             # --no-X turns a setting off again on resume; the actions are switches of one invocation.
@@ -119,4 +132,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `pretrain` verb."""
     p = add_verb(sub, "pretrain", _cmd_pretrain, "Pretrain a model on token shards.")
     p.epilog = EPILOG
-    _add_train_flags(p)
+    p.add_argument("--config", metavar="RUN.yaml",
+                   help="training settings from a YAML file (a run's run.yaml works); flags override it")
+    add_settings_flags(p)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from foundry import hub
 from foundry.hub import LATEST
+from foundry.hub.run_dir import is_complete
 from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, atomic_file, atomic_path
 
@@ -59,8 +60,12 @@ def _latest_name(run_dir: Path) -> str | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    trainer_state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write step-N/ whole under a temp name, rename it, then point `latest` at it."""
+                    trainer_state: dict[str, Any], meta: dict[str, Any], keep: int,
+                    write_model: Callable[[Path, torch.nn.Module, dict[str, Any]], None] | None = None) -> Path:
+    """Write step-N/ whole under a temp name, rename it, then point `latest` at it.
+
+    write_model(dir, model, meta) writes a recipe's own model files (an adapter, a classifier) instead of
+    a causal LM's."""
     name = checkpoint_name(step)
     final = run_dir / name
     if final.exists():
@@ -74,7 +79,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         os.replace(final, aside)
         shutil.rmtree(aside)
     with atomic_dir(final) as tmp:
-        hub.write_model_files(tmp, model, tokenizer, meta=meta)
+        if write_model is not None:
+            write_model(tmp, model, meta)
+        else:
+            hub.write_model_files(tmp, model, tokenizer, meta=meta)
         (tmp / "trainer").mkdir()
         with atomic_path(tmp / STATE_FILE) as state_path:
             torch.save(trainer_state, state_path)
@@ -87,7 +95,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
 def _prune(run_dir: Path, keep: int, newest: Path) -> None:
     if keep <= 0:
         return
-    complete = sorted(p for p in run_dir.glob("step-*") if (p / "config.json").is_file())
+    complete = sorted(p for p in run_dir.glob("step-*") if is_complete(p))
     for old in complete[:-keep]:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)

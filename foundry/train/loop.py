@@ -83,13 +83,15 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def train(cfg: TrainConfig, reporter: TrainReporter | None = None) -> TrainResult:
+def train(cfg: TrainConfig, reporter: TrainReporter | None = None, setup: RunSetup | None = None) -> TrainResult:
     """Run (or resume) a training run to `cfg.steps` optimizer steps; returns where it ended.
+
+    setup: a fine-tuning recipe's prepared run (train.finetune.prepare_finetune); default pretraining's.
 
     Raises NonFiniteLoss (a UserError) when the loss or the gradient norm is not finite on more steps
     than cfg.skip_nonfinite allows; nothing is saved then, so `latest` stays the last good checkpoint."""
     started = time.perf_counter()
-    return _Run(cfg, prepare_run(cfg), reporter or TrainReporter(), started).run()
+    return _Run(cfg, setup or prepare_run(cfg), reporter or TrainReporter(), started).run()
 
 
 class _Run:
@@ -106,7 +108,7 @@ class _Run:
             self._restore(load_trainer_state(setup.resume_from))
         self.start_step, self.checkpoint = self.step, setup.resume_from
         self.saved_step = self.step if setup.resume_from is not None else None
-        objective = CausalLMLoss(self.model)
+        objective = setup.objective if setup.objective is not None else CausalLMLoss(self.model)
         self.loss_of = torch.compile(objective) if cfg.compile else objective
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if setup.bf16 else nullcontext()
         self.metrics = MetricsLog(setup.run_dir / "metrics.jsonl",
@@ -147,7 +149,9 @@ class _Run:
             with _StopRequest() as stop:
                 ending = (f"? (as many as {cfg.time_budget:g}s allow, at most {self.total_steps})" if fitting
                           else self.total_steps)
-                self.progress.note(f"training {setup.param_count:,} parameters on {self.device.type} "
+                trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                share = f" of {setup.param_count:,}" if trainable != setup.param_count else ""
+                self.progress.note(f"training {trainable:,}{share} parameters on {self.device.type} "
                                    f"({'bf16 autocast' if setup.bf16 else 'fp32'}), {cfg.tokens_per_step:,} "
                                    f"tokens/step, steps {self.step}->{ending}")
                 while self.step < self.total_steps and stop.signal is None:
@@ -156,7 +160,7 @@ class _Run:
                 self.stop_signal = stop.signal
                 if stop.signal is not None:
                     self.progress.note(f"stopping on signal {stop.signal} at step {self.step}: saving a checkpoint")
-                elif setup.val_shards is not None:  # the loop never evaluates its last step: do it here
+                elif setup.has_validation:  # the loop never evaluates its last step: do it here
                     self._final_eval()
                 self._save()
         finally:
@@ -176,10 +180,9 @@ class _Run:
                 self.budget.timed_step(took)
             if self.budget.due(self.elapsed()):
                 self._refit()
-        if self._due(self.cfg.eval_every) and self.setup.val_shards is not None:
+        if self._due(self.cfg.eval_every) and self.setup.has_validation:
             self.val = self._evaluate(self.cfg.eval_batches, "val")
-            self.progress.note(f"step {self.step}: validation loss {self.val.loss:.4f}, perplexity "
-                               f"{self.val.perplexity:.2f} ({self._sample_words()}; {self._baseline_words()})")
+            self.progress.note(f"step {self.step}: {self._val_words(self.val)}")
         if self._due(self.cfg.save_every):
             self._save()
 
@@ -198,9 +201,9 @@ class _Run:
             group["lr"] = lr
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            x, y = next(self.loader)
+            batch = [t.to(self.device) for t in next(self.loader)]  # (x, y) for pretraining; a recipe's own
             with self.autocast:
-                loss = self.loss_of(x.to(self.device), y.to(self.device))
+                loss = self.loss_of(*batch)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
@@ -252,9 +255,9 @@ class _Run:
     # ---- the time budget ----------------------------------------------------------------------
 
     def _time_budget(self) -> TimeBudget:
-        cfg, val = self.cfg, self.setup.val_shards
-        sample = self._eval_size(cfg.eval_batches) if val is not None else (0, 0)
-        final = self._eval_size(cfg.final_eval_batches) if val is not None else (0, 0)
+        cfg, val = self.cfg, self.setup.has_validation
+        sample = self._eval_size(cfg.eval_batches) if val else (0, 0)
+        final = self._eval_size(cfg.final_eval_batches) if val else (0, 0)
         final_batches = sample[1] + (final[1] if final != sample else 0)
         return TimeBudget(cfg.time_budget, cfg.steps, cfg.grad_accum, cfg.eval_every, sample[1],
                           cfg.save_every, final_batches)
@@ -268,7 +271,11 @@ class _Run:
     # ---- evaluation ---------------------------------------------------------------------------
 
     def _eval_size(self, batches: int) -> tuple[int, int]:
-        """(windows, batches) an evaluation of `batches` batches (0: the whole split) scores; see eval_batches."""
+        """(windows, batches) an evaluation of `batches` batches (0: the whole split) scores; see eval_batches.
+
+        A recipe's validation (setup.validate) always scores its whole held-out set: one unit of time."""
+        if self.setup.validate is not None:
+            return 0, 1
         windows = (len(self.setup.val_shards) - 1) // self.cfg.seq_len
         if batches:
             windows = min(windows, batches * self.cfg.batch_size)
@@ -277,12 +284,17 @@ class _Run:
     def _evaluate(self, batches: int, series: str) -> Perplexity:
         """Validation loss on `batches` batches (0: the whole split), logged as `{series}_loss`."""
         began = time.perf_counter()
-        result = evaluate(self.model, self.setup.val_shards, self.cfg.batch_size, self.cfg.seq_len,
-                          batches or None, self.device, self.autocast if self.setup.bf16 else None)
+        if self.setup.validate is not None:
+            result = self.setup.validate(self.model)
+            self.model.train()
+        else:
+            result = evaluate(self.model, self.setup.val_shards, self.cfg.batch_size, self.cfg.seq_len,
+                              batches or None, self.device, self.autocast if self.setup.bf16 else None)
         if self.budget is not None:
             self.budget.timed_eval(time.perf_counter() - began, self._eval_size(batches)[1])
         record = {"step": self.step, "tokens": self.tokens, f"{series}_loss": result.loss,
-                  f"{series}_ppl": result.perplexity, f"{series}_tokens": result.tokens}
+                  f"{series}_ppl": result.perplexity, f"{series}_tokens": result.tokens,
+                  **{f"{series}_{name}": value for name, value in getattr(result, "metrics", {}).items()}}
         if series == "val_full":
             record["whole_split"] = not batches
         self.metrics.write(record)
@@ -294,14 +306,22 @@ class _Run:
         self.val_sample = self._evaluate(cfg.eval_batches, "val")
         if self._eval_size(cfg.final_eval_batches) == self._eval_size(cfg.eval_batches):
             self.val = self.val_sample  # the sample is the whole evaluation set: one evaluation is both
-            self.progress.note(f"step {self.step}: validation loss {self.val.loss:.4f}, perplexity "
-                               f"{self.val.perplexity:.2f} ({self._sample_words()}; {self._baseline_words()})")
+            self.progress.note(f"step {self.step}: {self._val_words(self.val)}")
             return
         self.val = self._evaluate(cfg.final_eval_batches, "val_full")
         where = "the whole split" if not cfg.final_eval_batches else f"{cfg.final_eval_batches} batches"
         self.progress.note(f"step {self.step}: validation loss {self.val.loss:.4f}, perplexity "
                            f"{self.val.perplexity:.2f} on {where} ({self.val.tokens:,} tokens; "
                            f"{self.val_sample.loss:.4f} on the fixed sample; {self._baseline_words()})")
+
+    def _val_words(self, result: Perplexity) -> str:
+        """A periodic evaluation in words: loss and perplexity on what it scored, or a recipe's own figures."""
+        if self.setup.validate is not None:
+            extra = "".join(f", {name.replace('_', ' ')} {value:.4g}"
+                            for name, value in getattr(result, "metrics", {}).items())
+            return f"validation loss {result.loss:.4f}{extra} (the whole held-out set)"
+        return (f"validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} ({self._sample_words()}; "
+                f"{self._baseline_words()})")
 
     def _sample_words(self) -> str:
         if not self.cfg.eval_batches:
@@ -324,12 +344,16 @@ class _Run:
                          "tokens": self.tokens, "elapsed": self.elapsed(), "optimizer": self.optimizer.state_dict(),
                          "loader": self.loader.state_dict(), **rng_states(), "skipped_nonfinite": self.skipped,
                          "last_finite": self.last_finite, "train_config": cfg.to_dict()}
-        meta = {"foundry_version": __version__, "stage": "pretrain", "step": self.step, "tokens": self.tokens,
-                "train_config": cfg.to_dict(), "data": setup.data_summary,
-                "eval": ({"val_loss": val.loss, "val_perplexity": val.perplexity, "val_tokens": val.tokens,
-                          "unigram_loss": setup.baseline.loss} if val else {})}
+        evaluation = {}
+        if val is not None:
+            evaluation = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_tokens": val.tokens,
+                          **{f"val_{name}": value for name, value in getattr(val, "metrics", {}).items()}}
+            if setup.baseline is not None:
+                evaluation["unigram_loss"] = setup.baseline.loss
+        meta = {"foundry_version": __version__, "stage": setup.stage, "step": self.step, "tokens": self.tokens,
+                "train_config": cfg.to_dict(), **setup.meta, "data": setup.data_summary, "eval": evaluation}
         self.checkpoint = save_checkpoint(setup.run_dir, self.step, self.model, setup.tokenizer, trainer_state,
-                                          meta, cfg.keep_checkpoints)
+                                          meta, cfg.keep_checkpoints, setup.write_model)
         self.saved_step = self.step
         plot_losses(setup.run_dir / "metrics.jsonl", setup.run_dir / "loss.png",
                     setup.baseline.loss if setup.baseline else None,

@@ -24,8 +24,14 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk_rows = chunk_rows
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs).float().flatten(0, 1)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """positions/segments: packed fine-tuning rows (positions restart per example, attention stays inside it)."""
+        if positions is None:
+            logits = self.model(inputs)
+        else:
+            logits = self.model(inputs, positions, segments=segments)
+        logits = logits.float().flatten(0, 1)
         targets = targets.flatten()
         # Row chunks keep each log-softmax in cache: ~2x faster than one pass over [B*T, vocab] on CPU.
         total = sum(F.cross_entropy(rows, target, ignore_index=-100, reduction="sum")

@@ -6,7 +6,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,6 +40,17 @@ class RunSetup:
     baseline: Perplexity | None
     resume_from: Path | None
     data_summary: dict[str, Any]
+    # A fine-tuning recipe's own parts (train/finetune.py); pretraining leaves them as they are.
+    stage: str = "pretrain"
+    objective: torch.nn.Module | None = None  # loss of a batch's tensors (None: CausalLMLoss of (x, y))
+    validate: Callable[[torch.nn.Module], Perplexity] | None = None  # scores the whole held-out set
+    write_model: Callable[[Path, torch.nn.Module, dict[str, Any]], None] | None = None  # checkpoint files
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # more of foundry.json (the recipe, ...)
+    recipe: Any = None  # the recipe's own parts, for its end-of-run report (train.recipes.Recipe)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_shards is not None or self.validate is not None
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

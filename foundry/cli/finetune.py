@@ -1,0 +1,80 @@
+"""`foundry finetune MODEL --data FILE.jsonl --recipe sft|classify|dpo --out RUN_DIR`: one loop, three recipes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from foundry.cli.parsing import add_verb
+from foundry.cli.pretrain import add_settings_flags, summary_lines
+from foundry.train.config import TrainConfig
+from foundry.train.finetune_config import FINETUNE_DEFAULTS, FinetuneConfig, saved_recipe
+
+EPILOG = """\
+Examples (small format samples of each JSONL form are in examples/):
+
+  foundry finetune base-model --recipe sft --data examples/sft_messages.jsonl --out runs/sft
+
+  foundry finetune base-model --recipe sft --lora --lora-rank 16 --data examples/sft_prompt_completion.jsonl \
+--out runs/sft-lora
+
+  foundry finetune base-model --recipe classify --data examples/classify.jsonl --class-weights balanced \
+--out runs/fraud
+
+  foundry finetune base-model --recipe dpo --lora --beta 0.1 --data examples/dpo.jsonl --out runs/dpo
+
+sft reads {"messages": [...]} (OpenAI chat format) or {"prompt", "completion"} records and trains on the \
+assistant's tokens (end-of-turn included); classify reads {"text", "label"}; dpo reads {"prompt", "chosen", \
+"rejected"}. Each run directory holds checkpoints (a model directory, or a PEFT adapter with --lora), \
+metrics.jsonl and loss.png; `foundry merge BASE ADAPTER --out DIR` folds an adapter into a model directory. \
+--resume continues a run as `foundry pretrain --resume` does.
+"""
+
+_OWN_HELP = {"data": "the training records: a JSONL file in the recipe's form",
+             "out": "the run directory: checkpoints, metrics.jsonl, loss.png, run.yaml, recipe.yaml"}
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneConfig]:
+    """TrainConfig (finetune's defaults, then the flags given) and FinetuneConfig from the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    given["model"] = args.model
+    recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+              if getattr(args, f.name) is not None}
+    if given.get("resume"):
+        from pathlib import Path
+
+        from foundry.train.setup import resume_config
+
+        saved = saved_recipe(Path(given.get("out", "")))
+        return resume_config(given), FinetuneConfig(**{**saved, **recipe})
+    return TrainConfig(**{**FINETUNE_DEFAULTS, **given}), FinetuneConfig(**recipe)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from foundry.cli.progress import ConsoleTrainReporter
+    from foundry.cli.recipe_report import print_recipe_report
+    from foundry.train.finetune import prepare_finetune
+    from foundry.train.loop import train
+
+    cfg, ft = configs_from_args(args)
+    reporter = ConsoleTrainReporter()
+    notes: list[str] = []
+    setup = prepare_finetune(cfg, ft, notes)
+    for line in notes:
+        reporter.note(line)
+    result = train(cfg, reporter, setup)
+    print("\n".join(summary_lines(result)), flush=True)
+    if not result.interrupted:
+        print_recipe_report(cfg, ft, setup, result)
+    return 130 if result.interrupted else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `finetune` verb."""
+    p = add_verb(sub, "finetune", _cmd_finetune, "Fine-tune a model on your JSONL: instructions (sft), labels "
+                 "(classify) or preference pairs (dpo), fully or with LoRA / QLoRA.")
+    p.epilog = EPILOG
+    p.add_argument("model", metavar="MODEL", help="the model directory (or run directory) to start from")
+    add_settings_flags(p, FinetuneConfig)
+    add_settings_flags(p, TrainConfig, skip=("model", "tokenizer"), defaults=FINETUNE_DEFAULTS, helps=_OWN_HELP)
