@@ -69,7 +69,7 @@ def _exact_match(out: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_sft_demo_learns_a_held_out_transformation(tmp_path):
+def test_sft_demo_learns_a_held_out_transformation(tmp_path, capsys):
     """`foundry demo --recipe sft`: a random model learns to upper-case letter triples it never saw."""
     from foundry.cli.demo_finetune import run_finetune_demo
 
@@ -86,6 +86,14 @@ def test_sft_demo_learns_a_held_out_transformation(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, hub.load(checkpoint).model(ids), atol=1e-5, rtol=1e-5)
     assert main(["demo", "--recipe", "sft", "--out", str(tmp_path / "demo")]) == 2  # never replaced unasked
+    # `foundry eval --task exact-match --chat` asks the tuned model through its chat template, as the report did.
+    held_out = [json.loads(line)["messages"] for line in (tmp_path / "demo" / "held_out.jsonl").read_text().splitlines()]
+    qa = _write(tmp_path / "qa.jsonl", [{"prompt": m[0]["content"], "answer": m[1]["content"]} for m in held_out])
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--task", "exact-match", "--chat", "--data", str(qa), "--json",
+                 "--no-save"]) == 0
+    (result,) = json.loads(capsys.readouterr().out).values()
+    assert result["exact-match:qa.jsonl"]["exact_match"] == figures["exact_match_after"]
 
 
 @pytest.mark.slow
@@ -299,3 +307,20 @@ def test_example_scripts_run(script, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert hub.latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_help_shows_an_example_per_recipe_and_the_format_samples_read(capsys, tiny_tokenizer):
+    from foundry.data.instructions import load_examples
+    from foundry.data.labels import read_labelled
+    from foundry.data.preferences import load_pairs
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for recipe in ("sft", "classify", "dpo"):
+        assert f"--recipe {recipe}" in text
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert len(load_examples(examples / "sft_messages.jsonl", tiny_tokenizer).examples) == 4
+    assert len(load_examples(examples / "sft_prompt_completion.jsonl", tiny_tokenizer).examples) == 3
+    assert read_labelled(examples / "classify.jsonl").label_set == ["fraud", "legitimate"]
+    assert len(load_pairs(examples / "dpo.jsonl", tiny_tokenizer).pairs) == 3

@@ -143,7 +143,11 @@ def run_exact_match(model: ModelUnderTest, task: str, data: str | None, args: ar
     prompts, answers, skipped = read_qa(data, args.skip_bad_lines)
     stop = ["\n"] if args.stop_at == "newline" else []
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, stop=stop)
-    predictions = [c.text for c in model.engine.generate(prompts, params)]
+    inputs = prompts
+    if args.chat:  # a chat-tuned model answers a user turn rendered with its own template
+        inputs = [model.tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+                  for p in prompts]
+    predictions = [c.text for c in model.engine.generate(inputs, params)]
     score = exact_match(predictions, answers)
     examples = [{"prompt": p, "prediction": normalize_answer(t), "answer": a}
                 for p, t, a in zip(prompts, predictions, answers)]
@@ -397,6 +401,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, default=None,
                    help="token data only: score a fixed sample of this many batches spread over the split")
     p.add_argument("--max-new-tokens", type=int, default=32, help="exact-match: most tokens per answer")
+    p.add_argument("--chat", action="store_true",
+                   help="exact-match: send each prompt as a user turn through the model's chat template")
     p.add_argument("--stop-at", default="newline", choices=("newline", "eos"),
                    help="exact-match: an answer ends at the first newline (or eos), or only at eos")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) JSONL lines that are not usable")
