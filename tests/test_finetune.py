@@ -277,9 +277,11 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(capsys, base, t
     one_label = _write(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
     assert "two labels" in _refused(capsys, ["finetune", str(base), "--recipe", "classify", "--data", str(one_label),
                                              "--val-fraction", "0", "--out", str(tmp_path / "r6")])
+    too_long = ["finetune", str(base), "--recipe", "sft", "--data", str(data), "--seq-len", "4096"]
+    assert "max_position_embeddings (256)" in _refused(capsys, too_long + ["--out", str(tmp_path / "r7")])
     # A run directory already there is never overwritten without --overwrite.
     assert "--overwrite" in _refused(capsys, argv + ["--data", str(data), "--out", str(tmp_path / "r2")])
-    assert not any((tmp_path / name).exists() for name in ("r1", "r3", "r4", "r5", "r6"))
+    assert not any((tmp_path / name).exists() for name in ("r1", "r3", "r4", "r5", "r6", "r7"))
 
 
 def test_a_resumed_run_continues_exactly(capsys, base, upper_data, tmp_path):

@@ -31,6 +31,7 @@ metrics.jsonl and loss.png; `foundry merge BASE ADAPTER --out DIR` folds an adap
 """
 
 _OWN_HELP = {"data": "the training records: a JSONL file in the recipe's form",
+             "seq_len": "tokens per row (at most the model's context, which is the default when shorter)",
              "out": "the run directory: checkpoints, metrics.jsonl, loss.png, run.yaml, recipe.yaml"}
 
 
@@ -48,7 +49,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneCo
 
         saved = saved_recipe(Path(given.get("out", "")))
         return resume_config(given), FinetuneConfig(**{**saved, **recipe})
-    return TrainConfig(**{**FINETUNE_DEFAULTS, **given}), FinetuneConfig(**recipe)
+    defaults = dict(FINETUNE_DEFAULTS)
+    if "seq_len" not in given:  # rows as long as finetune's default, or the model's whole context if shorter
+        from foundry.hub import resolve_model_source
+
+        config, _ = resolve_model_source(args.model)
+        defaults["seq_len"] = min(defaults["seq_len"], config.max_position_embeddings)
+    return TrainConfig(**{**defaults, **given}), FinetuneConfig(**recipe)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

@@ -68,6 +68,9 @@ def prepare_finetune(cfg: TrainConfig, ft: FinetuneConfig, notes: list[str] | No
     configure_fp32_matmul(cfg.fast_fp32, device)
     loaded = _starting_model(cfg, device)
     tokenizer = loaded.tokenizer
+    if cfg.seq_len > loaded.config.max_position_embeddings:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                        f"({loaded.config.max_position_embeddings}); lower --seq-len")
     from foundry.train import recipes
 
     recipe = recipes.build(ft, cfg, loaded, device, resume_from, notes)
