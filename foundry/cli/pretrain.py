@@ -70,7 +70,8 @@ def summary_lines(result: TrainResult) -> list[str]:
     else:
         lines.append(f"  MFU           unknown: {result.peak_source or 'no peak FLOP/s known for this device'}")
     if result.baseline is None and result.val is None:
-        lines.append("  validation    none: no validation split (pretraining: the data directory has none; fine-tuning: --val-fraction 0)")
+        lines.append("  validation    none: no validation split (pretraining: the data directory has none; "
+                     "fine-tuning: --val-fraction 0)")
     elif result.baseline is None:  # a fine-tuning recipe: its held-out loss and figures
         extra = "".join(f", {name.replace('_', ' ')} {value:.4g}"
                         for name, value in getattr(result.val, "metrics", {}).items())

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from foundry.eval.scoring import exact_match
 from foundry.train.config import TrainConfig
 from foundry.train.finetune_config import FinetuneConfig
 from foundry.train.loop import TrainResult
@@ -29,11 +30,6 @@ def greedy_answers(model: torch.nn.Module, tokenizer: Any, conversations: list[l
     prompts = [tokenizer.encode_chat(messages, add_generation_prompt=True) for messages in conversations]
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     return [completion.text for completion in engine.generate(prompts, params)]
-
-
-def exact_match(answers: list[str], references: list[str]) -> float:
-    """Share of answers equal to their reference, surrounding whitespace ignored."""
-    return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / max(len(references), 1)
 
 
 def sft_scores(setup: RunSetup, before: torch.nn.Module, after: torch.nn.Module) -> tuple[float, float, int] | None:

@@ -6,34 +6,17 @@ held-out set is scored, and which files a checkpoint holds (a causal LM, a PEFT 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from foundry import hub
 from foundry.core.errors import UserError
 from foundry.hub.device import resolve_device
-from foundry.train.config import TrainConfig
+from foundry.train.config import TrainConfig, save_run_yaml
 from foundry.train.finetune_config import FinetuneConfig, save_recipe, saved_recipe
-from foundry.train.objectives import parameter_counts
-from foundry.train.config import resume_changes, save_run_yaml
-from foundry.train.setup import RunSetup, _locate_run, _make_run_dir, saved_settings
+from foundry.train.setup import RunSetup, _locate_run, _make_run_dir, resume_history, uses_bf16
 from foundry.train.speed import configure_fp32_matmul
-
-
-def split_records(records: list[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, val): a seeded shuffle, the last `val_fraction` held out (at least one record when asked)."""
-    if val_fraction <= 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = max(1, round(len(records) * val_fraction))
-    if held >= len(records):
-        raise UserError(f"--val-fraction {val_fraction} leaves no training records of {len(records)}; "
-                        f"give more data or a --val file")
-    return [records[i] for i in sorted(order[held:])], [records[i] for i in sorted(order[:held])]
 
 
 def _starting_model(cfg: TrainConfig, device: torch.device):
@@ -55,10 +38,8 @@ def prepare_finetune(cfg: TrainConfig, ft: FinetuneConfig, notes: list[str] | No
     if not cfg.data:
         raise UserError("--data FILE.jsonl is required: the training records")
     run_dir, resume_from = _locate_run(cfg)
-    history: list[dict[str, Any]] = []
+    history = resume_history(cfg, run_dir, resume_from)
     if resume_from is not None:
-        saved, history = saved_settings(run_dir)
-        history = history + resume_changes(saved, cfg, int(resume_from.name.removeprefix("step-")), run_dir)
         recipe = saved_recipe(run_dir)
         if recipe and recipe != {k: v for k, v in ft.to_dict().items() if k in recipe}:
             changed = sorted(k for k in recipe if recipe[k] != getattr(ft, k))
@@ -75,7 +56,6 @@ def prepare_finetune(cfg: TrainConfig, ft: FinetuneConfig, notes: list[str] | No
 
     recipe = recipes.build(ft, cfg, loaded, device, resume_from, notes)
     model = recipe.model
-    counts = parameter_counts(model)
     _make_run_dir(run_dir, resume_from is not None)
     torch.manual_seed(cfg.seed)
     save_run_yaml(run_dir / "run.yaml", cfg, history)
@@ -83,9 +63,8 @@ def prepare_finetune(cfg: TrainConfig, ft: FinetuneConfig, notes: list[str] | No
     summary = {"file": str(Path(cfg.data).resolve()), "train_records": recipe.train_count,
                "val_records": recipe.val_count, "skipped_lines": recipe.skipped,
                "tokenizer_fingerprint": tokenizer.fingerprint}
-    return RunSetup(run_dir, device, cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"),
-                    tokenizer, model, counts["total_parameters"], recipe.loader, None, None, resume_from, summary,
-                    stage=f"finetune-{ft.recipe}", objective=recipe.objective, validate=recipe.validate,
-                    write_model=recipe.write_model, recipe=recipe,
-                    meta={"recipe": ft.to_dict(), "base_model": str(loaded.path), **counts, **recipe.meta})
+    return RunSetup(run_dir, device, uses_bf16(cfg, device), tokenizer, model, recipe.meta["total_parameters"],
+                    recipe.loader, None, None, resume_from, summary, stage=f"finetune-{ft.recipe}",
+                    objective=recipe.objective, validate=recipe.validate, write_model=recipe.write_model,
+                    recipe=recipe, meta={"recipe": ft.to_dict(), "base_model": str(loaded.path), **recipe.meta})
 

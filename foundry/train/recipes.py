@@ -6,6 +6,7 @@ adapter beside the tokenizer)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,9 +41,20 @@ class Recipe:
     val_batches: Callable[[], list] | None = None  # classify: the held-out batches, for the report
 
 
-def _split(items: list[Any], held_out: list[Any] | None, ft: FinetuneConfig, seed: int) -> tuple[list, list]:
-    from foundry.train.finetune import split_records
+def split_records(records: list[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, val): a seeded shuffle, the last `val_fraction` held out (at least one record when asked)."""
+    if val_fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(records) * val_fraction))
+    if held >= len(records):
+        raise UserError(f"--val-fraction {val_fraction} leaves no training records of {len(records)}; "
+                        f"give more data or a --val file")
+    return [records[i] for i in sorted(order[held:])], [records[i] for i in sorted(order[:held])]
 
+
+def _split(items: list[Any], held_out: list[Any] | None, ft: FinetuneConfig, seed: int) -> tuple[list, list]:
     if held_out is not None:
         return items, held_out
     return split_records(items, ft.val_fraction, seed)
@@ -271,6 +283,7 @@ def build(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.devic
     """The recipe `ft.recipe` over the starting model `loaded` (resumed from `resume_from` if given)."""
     recipe = BUILDERS[ft.recipe](ft, cfg, loaded, device, resume_from, notes)
     counts = parameter_counts(recipe.model)
+    recipe.meta.update(counts)  # into foundry.json; RunSetup's parameter count
     trainable, total = counts["trainable_parameters"], counts["total_parameters"]
     notes.append(f"training {trainable:,} of {total:,} parameters ({trainable / max(total, 1):.2%}); AdamW state "
                  f"{8 * trainable / 2**20:.2f} MiB" + (f", {trainable / max(total, 1):.2%} of full fine-tuning's"

@@ -134,6 +134,24 @@ def _model_config(cfg: TrainConfig, tokenizer: Tokenizer, resume_from: Path | No
     return config, model_dir
 
 
+def resume_history(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> list[dict[str, Any]]:
+    """run.yaml's change history, extended by how `cfg` differs from the run's saved settings (empty when the run
+    starts afresh); refuses a --steps below what the run has trained and a change resume does not allow."""
+    if resume_from is None:
+        return []
+    saved, history = saved_settings(run_dir)
+    done = _checkpoint_step(resume_from)
+    if cfg.steps < done:
+        raise UserError(f"--steps {cfg.steps} is fewer than the {done} steps {run_dir} has trained; "
+                        f"--steps is the run's total: give at least {done}")
+    return history + resume_changes(saved, cfg, done, run_dir)
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run trains under bf16 autocast: --precision bf16, or auto on CUDA."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def prepare_run(cfg: TrainConfig) -> RunSetup:
     """Check the inputs, then build or restore everything the loop needs.
 
@@ -146,16 +164,9 @@ def prepare_run(cfg: TrainConfig) -> RunSetup:
     if not cfg.data:
         raise UserError("--data DATA_DIR is required (make one with `foundry prepare`)")
     run_dir, resume_from = _locate_run(cfg)
-    history: list[dict[str, Any]] = []
-    if resume_from is not None:
-        saved, history = saved_settings(run_dir)
-        done = _checkpoint_step(resume_from)
-        if cfg.steps < done:
-            raise UserError(f"--steps {cfg.steps} is fewer than the {done} steps {run_dir} has trained; "
-                            f"--steps is the run's total: give at least {done}")
-        history = history + resume_changes(saved, cfg, done, run_dir)
+    history = resume_history(cfg, run_dir, resume_from)
     device = resolve_device(cfg.device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg, device)
     configure_fp32_matmul(cfg.fast_fp32, device)
     tokenizer = _tokenizer(cfg)
     train_shards = TokenShards(cfg.data, "train", tokenizer=tokenizer)
