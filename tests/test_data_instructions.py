@@ -231,7 +231,7 @@ def test_ranks_get_disjoint_rows(tiny_tokenizer):
     seen = []
     for rank in range(2):
         loader = InstructionLoader(examples, 1, 64, seed=3, packing=False, rank=rank, world_size=2)
-        seen.append({tuple(next(loader)[0][0].tolist()) for _ in range(loader.order.per_rank)})
+        seen.append({tuple(next(loader)[0][0].tolist()) for _ in range(int(loader.order.per_rank))})
     assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 8
 
 

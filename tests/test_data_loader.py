@@ -49,12 +49,12 @@ def test_same_seed_same_batches_other_seed_other_order(shards):
 def test_every_window_once_per_epoch_then_a_new_order(shards):
     train, _ = shards
     loader = BatchLoader(train, batch_size=1, seq_len=15, seed=0)
-    per_epoch = loader.windows_per_rank
+    per_epoch = loader.num_windows
     assert per_epoch == len(train) // 16
     first = [tuple(x[0].tolist()) for x, _ in take(loader, per_epoch)]
     second = [tuple(x[0].tolist()) for x, _ in take(loader, per_epoch)]
     assert len(set(first)) == per_epoch and set(first) == set(second) and first != second
-    assert loader.epoch == 1
+    assert (loader.epoch, loader.position) == (2, 0)
 
 
 @pytest.mark.parametrize("stop", [3, 7, 20])  # mid-epoch, and past the end of the first epoch
@@ -85,11 +85,37 @@ def test_ranks_see_disjoint_windows(shards):
     seen = []
     for rank in range(world):
         loader = BatchLoader(train, batch_size=1, seq_len=15, seed=0, rank=rank, world_size=world)
-        seen.append({tuple(x[0].tolist()) for x, _ in take(loader, loader.windows_per_rank)})
+        seen.append({tuple(x[0].tolist()) for x, _ in take(loader, int(loader.windows_per_rank))})
     assert all(len(s) == len(train) // 16 // world for s in seen)
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     with pytest.raises(UserError, match="rank 3 is outside world size 3"):
         BatchLoader(train, 1, 15, seed=0, rank=3, world_size=3)
+
+
+def _global_batches(train, world, batch, steps, state=None):
+    """Each step's rows over all ranks, rank by rank, as tuples of window tokens."""
+    loaders = [BatchLoader(train, batch, 15, seed=4, rank=r, world_size=world) for r in range(world)]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        out.append(sorted(tuple(row.tolist()) for loader in loaders for row in next(loader)[0]))
+    return out, loaders[0].state_dict()
+
+
+def test_a_step_sees_the_same_windows_at_any_world_size_and_resumes_across_them(shards):
+    """1 rank x 6 rows, 2 x 3 and 3 x 2 draw the same windows each step, across epoch ends (num_windows is
+    not a multiple of 6), and a state saved at one world size continues exactly at another."""
+    train, _ = shards
+    steps = 40  # ~2 epochs of 124 windows
+    one, _ = _global_batches(train, 1, 6, steps)
+    two, _ = _global_batches(train, 2, 3, steps)
+    three, _ = _global_batches(train, 3, 2, steps)
+    assert one == two == three
+    _, state = _global_batches(train, 2, 3, 25)
+    resumed, _ = _global_batches(train, 3, 2, steps - 25, state)
+    assert resumed == one[25:]
 
 
 def test_sequence_too_long_for_the_data(shards):

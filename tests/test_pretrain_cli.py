@@ -20,7 +20,8 @@ OTHER_VALUES = {
     "grad_accum": 2, "lr": 0.0015, "min_lr_ratio": 0.05, "warmup": 4, "weight_decay": 0.01, "beta1": 0.8,
     "beta2": 0.99, "grad_clip": 0.5, "seed": 11, "eval_every": 9, "eval_batches": 3, "final_eval_batches": 5,
     "save_every": 6, "keep_checkpoints": 4, "log_every": 2, "time_budget": 12.5, "skip_nonfinite": 3,
-    "compile": True, "activation_checkpointing": True, "precision": "bf16", "fast_fp32": "off", "device": "cpu",
+    "compile": True, "activation_checkpointing": "selective", "precision": "bf16", "fast_fp32": "off",
+    "device": "cpu", "parallel": "ddp", "tp": 2, "dp": 3, "reshard_after_forward": False, "dist_timeout": 30.0,
     "resume": True, "overwrite": True, "allow_changes": True,
 }
 
@@ -66,7 +67,7 @@ def test_flags_left_out_are_not_given(monkeypatch):
 
 
 def test_booleans_can_be_turned_off_again():
-    assert _parse(["--no-compile", "--no-activation-checkpointing"]).compile is False
+    assert _parse(["--no-compile", "--no-reshard-after-forward"]).compile is False
     assert _parse(["--compile"]).compile is True
 
 
@@ -147,6 +148,10 @@ class StandInResult:
     peak_flops: float | None
     peak_source: str | None
     best_val: Perplexity | None
+    world_size: int = 1
+    layout: str = "one process"
+    peak_memory: int | None = None
+    peak_memory_source: str = ""
 
 
 def _result(**changes) -> StandInResult:
@@ -177,11 +182,33 @@ def test_the_summary_says_what_it_does_not_know():
     assert "checkpoint    none saved" in text
 
 
-def test_pretrain_prints_the_summary_at_the_end(monkeypatch, capsys, tmp_path):
+def test_the_summary_of_a_distributed_run_says_how_and_sets_memory_beside_the_plan():
+    text = "\n".join(summary_lines(_result(world_size=4, layout="4 processes on cuda (fsdp over 4 data-parallel "
+                                           "ranks)", peak_memory=3 * 2**30, peak_memory_source="peak CUDA allocation"),
+                                   planned={"weights": 2**30, "activations": 2**30}))
+    assert "34,757 tokens/s over 4 processes" in text
+    assert "layout        4 processes on cuda (fsdp over 4 data-parallel ranks)" in text
+    assert "memory        3.00 GiB measured (peak CUDA allocation, rank 0); planned 2.00 GiB per device" in text
+
+
+def test_pretrain_prints_the_plan_then_the_summary_at_the_end(monkeypatch, capsys, tmp_path):
+    import types
+
+    import torch
+
     import foundry.train.loop
+    import foundry.train.setup
+    from foundry.cli.pretrain import planned_memory, planned_memory_line
+    from foundry.config import PRESETS
+    from foundry.train.parallel.world import World
 
     seen = []
-    monkeypatch.setattr(foundry.train.loop, "train", lambda cfg, reporter: seen.append(cfg) or _result())
+    setup = types.SimpleNamespace(world=World(torch.device("cpu")), model=types.SimpleNamespace(config=PRESETS["tiny"]),
+                                  bf16=False)
+    monkeypatch.setattr(foundry.train.setup, "prepare_run", lambda cfg: setup)
+    monkeypatch.setattr(foundry.train.loop, "train", lambda cfg, reporter, given: seen.append((cfg, given)) or _result())
     assert main(["pretrain", "--model", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
-    assert seen[0].model == "tiny"
-    assert capsys.readouterr().out.splitlines() == summary_lines(_result())
+    assert seen[0][0].model == "tiny" and seen[0][1] is setup
+    plan = planned_memory(setup, seen[0][0])
+    assert set(plan) == {"weights", "gradients", "optimizer", "activations"}
+    assert capsys.readouterr().out.splitlines() == [planned_memory_line(plan), *summary_lines(_result(), plan)]

@@ -42,9 +42,10 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, data_dir):
     assert other.losses != pytest.approx(large.losses, rel=1e-3)
 
 
-def test_activation_checkpointing_gives_the_eager_losses_and_weights(tmp_path, data_dir):
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_eager_losses_and_weights(tmp_path, data_dir, mode):
     eager = train(tiny_cfg(data_dir, tmp_path / "eager", steps=3))
-    recomputed = train(tiny_cfg(data_dir, tmp_path / "recomputed", steps=3, activation_checkpointing=True))
+    recomputed = train(tiny_cfg(data_dir, tmp_path / "recomputed", steps=3, activation_checkpointing=mode))
     assert recomputed.losses == eager.losses
     assert _max_difference(_weights(recomputed), _weights(eager)) == 0.0
 

@@ -108,7 +108,7 @@ def test_allow_changes_applies_the_change_and_run_yaml_records_it(stopped, data_
 
 def test_steps_cadence_and_hardware_settings_may_change_without_allow_changes(stopped):
     assert main(["pretrain", "--out", str(stopped), "--resume", "--steps", "6", "--log-every", "2",
-                 "--save-every", "0", "--no-activation-checkpointing", "--device", "cpu"]) == 0
+                 "--save-every", "0", "--activation-checkpointing", "off", "--device", "cpu"]) == 0
     assert (stopped / "latest").read_text().strip() == "step-000006"
     saved = _settings(stopped)
     assert saved["steps"] == 6 and saved["log_every"] == 2 and saved["lr"] == 0.01

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from foundry.cli.launch import add_launch_flags, launch, wants_launch
 from foundry.cli.parsing import add_verb
-from foundry.cli.pretrain import add_settings_flags, summary_lines
+from foundry.cli.pretrain import add_settings_flags, restarted_job_resumes, summary_lines
 from foundry.train.config import TrainConfig
 from foundry.train.finetune_config import FINETUNE_DEFAULTS, FinetuneConfig, saved_recipe
 
@@ -40,6 +41,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneCo
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     given["model"] = args.model
+    restarted_job_resumes(given)
     recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
               if getattr(args, f.name) is not None}
     if given.get("resume"):
@@ -59,21 +61,28 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneCo
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if wants_launch(args):
+        return launch("finetune", args.verb_argv, args.nproc, args.max_restarts, args.out)
     from foundry.cli.progress import ConsoleTrainReporter
     from foundry.cli.recipe_report import print_recipe_report
     from foundry.train.finetune import prepare_finetune
     from foundry.train.loop import train
+    from foundry.train.parallel.world import is_main_process
+    from foundry.train.progress import TrainReporter
 
     cfg, ft = configs_from_args(args)
-    reporter = ConsoleTrainReporter()
+    main_rank = is_main_process()  # the other ranks of a distributed run train silently
+    reporter = ConsoleTrainReporter() if main_rank else TrainReporter()
     notes: list[str] = []
     setup = prepare_finetune(cfg, ft, notes)
     for line in notes:
         reporter.note(line)
     result = train(cfg, reporter, setup)
+    if not main_rank:
+        return 130 if result.interrupted else 0
     print("\n".join(summary_lines(result)), flush=True)
     if not result.interrupted:
-        print_recipe_report(cfg, ft, setup, result)
+        print_recipe_report(cfg, ft, setup, result)  # rank 0's replica: DDP keeps a whole model on every rank
     return 130 if result.interrupted else 0
 
 
@@ -85,3 +94,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="the model directory (or run directory) to start from")
     add_settings_flags(p, FinetuneConfig)
     add_settings_flags(p, TrainConfig, skip=("model", "tokenizer"), defaults=FINETUNE_DEFAULTS, helps=_OWN_HELP)
+    add_launch_flags(p)

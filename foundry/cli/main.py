@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from foundry.cli import data, demo, export, finetune, generate, info, merge, plan, pretrain, serve
 from foundry.cli import eval as eval_verbs  # `eval` and `lm-eval` (the name would shadow the builtin)
@@ -27,11 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one verb; bad input prints one line and exits 2, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.verb_argv = argv[argv.index(args.command) + 1:]  # what the verb was given, for --nproc to pass on
     try:
         code = args.handler(args)
     except UserError as exc:
-        print(f"foundry {args.command}: error: {exc}", file=sys.stderr)
+        # In a distributed run rank 0 speaks for all, unless the message is this rank's own (a lost peer). The
+        # others wait a moment, so that torchrun, which stops every worker once one has ended, lets it speak.
+        if os.environ.get("RANK", "0") == "0" or getattr(exc, "every_rank", False):
+            print(f"foundry {args.command}: error: {exc}", file=sys.stderr)
+        else:
+            time.sleep(10)
         return 2
     except KeyboardInterrupt:
         print(f"foundry {args.command}: interrupted", file=sys.stderr)

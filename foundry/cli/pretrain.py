@@ -12,12 +12,17 @@ import dataclasses
 import typing
 from typing import TYPE_CHECKING
 
-from foundry.core.units import human_duration
+import os
+from pathlib import Path
+
+from foundry.cli.launch import add_launch_flags, launch, wants_launch
 from foundry.cli.parsing import add_verb
+from foundry.core.units import human_bytes, human_duration
 from foundry.train.config import ACTIONS, FIXED_ON_RESUME, FREE_ON_RESUME, TrainConfig, flag_name
 
 if TYPE_CHECKING:
     from foundry.train.loop import TrainResult
+    from foundry.train.setup import RunSetup
 
 
 def _flags_text(names: frozenset[str] | dict[str, str]) -> str:
@@ -45,11 +50,49 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if getattr(args, f.name) is not None:
             given[f.name] = getattr(args, f.name)
+    restarted_job_resumes(given)
     if given.get("resume"):
         from foundry.train.setup import resume_config
 
         return resume_config(given)
     return TrainConfig(**given)
+
+
+def restarted_job_resumes(given: dict[str, object]) -> None:
+    """A job torchrun restarted (--max-restarts) continues from the run's newest complete checkpoint."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) < 1 or given.get("resume") or not given.get("out"):
+        return
+    from foundry.hub import latest_checkpoint
+
+    if latest_checkpoint(Path(str(given["out"]))) is not None:
+        given["resume"], given["overwrite"] = True, False
+
+
+def planned_memory(setup: RunSetup, cfg: TrainConfig) -> dict[str, float]:
+    """`foundry plan`'s per-device memory for this run's model and layout: weights, gradients, optimizer, activations."""
+    from foundry.plan.planner import activation_bytes, model_state_bytes
+
+    world, config = setup.world, setup.model.config
+    zero = {"fsdp": 3, "ddp": 0, "none": 0}[_strategy(setup, cfg)]
+    precision = "bf16-mixed" if setup.bf16 else "fp32"
+    states = model_state_bytes(config.num_params(), dp=world.dp, zero=zero, precision=precision,
+                               model_parallel=world.tp)
+    recompute = {"off": "none", "full": "full", "selective": "selective"}[cfg.activation_checkpointing]
+    states["activations"] = activation_bytes(config, seq=cfg.seq_len, micro_batch=cfg.batch_size // world.dp,
+                                             tp=world.tp, sequence_parallel=world.tp > 1, recompute=recompute,
+                                             elem=2 if setup.bf16 else 4, kernels="eager")
+    return states
+
+
+def _strategy(setup: RunSetup, cfg: TrainConfig) -> str:
+    from foundry.train.parallel.apply import data_parallel_strategy
+
+    return data_parallel_strategy(cfg.parallel, setup.world)
+
+
+def planned_memory_line(plan: dict[str, float]) -> str:
+    parts = ", ".join(f"{name} {human_bytes(value)}" for name, value in plan.items())
+    return f"planned memory per device (foundry plan): {human_bytes(sum(plan.values()))} ({parts})"
 
 
 def _flops(rate: float) -> str:
@@ -59,12 +102,21 @@ def _flops(rate: float) -> str:
     return f"{rate / 1e6:.3g} MFLOP/s"
 
 
-def summary_lines(result: TrainResult) -> list[str]:
-    """The end-of-run summary: plain lines, one figure each, fit for a log file."""
+def summary_lines(result: TrainResult, planned: dict[str, float] | None = None) -> list[str]:
+    """The end-of-run summary: plain lines, one figure each, fit for a log file.
+
+    planned: `foundry plan`'s per-device memory for the run (planned_memory), shown beside the measured peak."""
     state = f"stopped by a signal at step {result.step}" if result.interrupted else "finished"
+    over = f" over {result.world_size} processes" if result.world_size > 1 else ""
     lines = [f"run {state}: {result.step:,}/{result.total_steps:,} steps, {result.tokens:,} tokens in the whole run",
              (f"  wall time     {human_duration(result.wall_seconds)} this invocation; training steps ran at "
-              f"{result.tokens_per_second:,.0f} tokens/s")]
+              f"{result.tokens_per_second:,.0f} tokens/s{over}")]
+    if result.world_size > 1:
+        lines.append(f"  layout        {result.layout}")
+    if result.peak_memory is not None:
+        plan = f"; planned {human_bytes(sum(planned.values()))} per device" if planned else ""
+        lines.append(f"  memory        {human_bytes(result.peak_memory)} measured ({result.peak_memory_source}"
+                     f"{', rank 0' if result.world_size > 1 else ''}){plan}")
     if result.mfu is not None and result.peak_flops:
         lines.append(f"  MFU           {result.mfu * 100:.3g}% of a {_flops(result.peak_flops)} peak ({result.peak_source})")
     else:
@@ -91,11 +143,23 @@ def summary_lines(result: TrainResult) -> list[str]:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    if wants_launch(args):
+        return launch("pretrain", args.verb_argv, args.nproc, args.max_restarts, args.out)
     from foundry.cli.progress import ConsoleTrainReporter
     from foundry.train.loop import train
+    from foundry.train.parallel.world import is_main_process
+    from foundry.train.progress import TrainReporter
+    from foundry.train.setup import prepare_run
 
-    result = train(train_config_from_args(args), ConsoleTrainReporter())
-    print("\n".join(summary_lines(result)), flush=True)
+    cfg = train_config_from_args(args)
+    main_rank = is_main_process()  # the other ranks of a distributed run train silently
+    setup = prepare_run(cfg)
+    plan = planned_memory(setup, cfg)
+    if main_rank:
+        print(planned_memory_line(plan), flush=True)
+    result = train(cfg, ConsoleTrainReporter() if main_rank else TrainReporter(), setup)
+    if main_rank:
+        print("\n".join(summary_lines(result, plan)), flush=True)
     return 130 if result.interrupted else 0
 
 
@@ -136,3 +200,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="RUN.yaml",
                    help="training settings from a YAML file (a run's run.yaml works); flags override it")
     add_settings_flags(p)
+    add_launch_flags(p)

@@ -64,23 +64,34 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
+def new_temp_dir(path: str | Path) -> Path:
+    """A fresh temp directory beside `path` (`.NAME.<random>.tmp`), to be filled, then published by publish_dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+def publish_dir(tmp: Path, path: str | Path) -> None:
+    """fsync every file under `tmp`, then rename it into place as `path` (which must not exist)."""
+    path = Path(path)
+    for child in tmp.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    _publish_mode(tmp, 0o777)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temp name; on success rename it into place as `path`.
 
     `path` must not exist yet (a complete directory is never replaced in place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = new_temp_dir(path)
     try:
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        _publish_mode(tmp, 0o777)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,7 +8,6 @@ last turn is usually what is being classified."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from foundry.core.errors import UserError
 from foundry.data.jsonl import JsonlRecords, Record, read_jsonl
+from foundry.data.order import EpochOrder
 
 Example = str | list[dict[str, Any]]  # a text, or a conversation for the chat template
 
@@ -149,10 +149,6 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, pad_mask
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"labelled/{seed}/{epoch}".encode()).digest()[:8], "big") >> 1
-
-
 ClassifierBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -163,7 +159,7 @@ class ClassifierBatches:
     state_dict()/load_state_dict() resume exactly where a run stopped."""
 
     def __init__(self, token_ids: Sequence[Sequence[int]], label_ids: Sequence[int], batch_size: int,
-                 pad_id: int, seed: int):
+                 pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise UserError(f"batch size must be positive, got {batch_size}")
         if not token_ids:
@@ -174,38 +170,23 @@ class ClassifierBatches:
             raise UserError("a labelled example encodes to no tokens; remove empty texts")
         self.token_ids, self.label_ids = list(token_ids), list(label_ids)
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-        self.epoch = 0
-        self.position = 0  # examples consumed in the current epoch
-        self._order: list[int] = []
-        self._order_epoch = -1
-
-    def _epoch_order(self) -> list[int]:
-        if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-            self._order = torch.randperm(len(self.token_ids), generator=generator).tolist()
-            self._order_epoch = self.epoch
-        return self._order
+        self.order = EpochOrder(len(self.token_ids), seed, rank, world_size, "examples", salt="labelled")
 
     def __iter__(self) -> ClassifierBatches:
         return self
 
     def __next__(self) -> ClassifierBatch:
-        chosen = []
-        for _ in range(self.batch_size):
-            if self.position == len(self.token_ids):
-                self.epoch, self.position = self.epoch + 1, 0
-            chosen.append(self._epoch_order()[self.position])
-            self.position += 1
+        chosen = self.order.take(self.batch_size)
         input_ids, pad_mask = pad_batch([self.token_ids[i] for i in chosen], self.pad_id)
         return input_ids, pad_mask, torch.tensor([self.label_ids[i] for i in chosen], dtype=torch.long)
 
     @property
     def batches_per_epoch(self) -> float:
-        return len(self.token_ids) / self.batch_size
+        return self.order.per_rank / self.batch_size
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+        return {**self.order.state_dict(), "seed": self.seed,
                 "num_examples": len(self.token_ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -214,13 +195,13 @@ class ClassifierBatches:
             if state.get(key) != now:
                 raise UserError(f"cannot resume the data loader: it was saved with {key}={state.get(key)}, "
                                 f"now {key}={now}; resume with the same data and settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order.load_state_dict(state)
 
 
 def batches(token_ids: Sequence[Sequence[int]], label_ids: Sequence[int], batch_size: int, pad_id: int,
-            seed: int) -> ClassifierBatches:
-    """Seeded, resumable training batches (see ClassifierBatches)."""
-    return ClassifierBatches(token_ids, label_ids, batch_size, pad_id, seed)
+            seed: int, rank: int = 0, world_size: int = 1) -> ClassifierBatches:
+    """Seeded, resumable training batches, rank-disjoint (see ClassifierBatches)."""
+    return ClassifierBatches(token_ids, label_ids, batch_size, pad_id, seed, rank, world_size)
 
 
 def eval_batches(token_ids: Sequence[Sequence[int]], label_ids: Sequence[int], batch_size: int,

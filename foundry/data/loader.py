@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from foundry.data.order import EpochOrder
 from foundry.data.shards import TokenShards
 from foundry.core.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Hash (seed, epoch) so that neighbouring seeds or epochs give unrelated permutations.
-    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:8], "big") >> 1
-
-
 class BatchLoader:
     """Infinite (x, y) batches [batch_size, seq_len] of int64, y being x shifted by one token.
 
     The token stream is cut into non-overlapping windows of seq_len + 1 tokens. Each epoch visits
-    the windows in an order shuffled by (seed, epoch); rank r of world_size takes every
-    world_size-th window of that order, so ranks never share a window, and every rank gets the
-    same number per epoch, so all ranks advance in lockstep. A batch may straddle two epochs.
+    the windows in an order shuffled by (seed, epoch); these orders, one epoch after the other, make one
+    global stream of windows. Rank r of world_size takes the stream's windows r, r + world_size, ...:
+    ranks never share a window within an epoch, every rank draws a row per world_size windows, so all
+    ranks advance in lockstep, and a step's rows over all ranks are the stream's next
+    batch_size * world_size windows whatever the world size. That is why a run resumes at another world
+    size (with the same global batch) on exactly the windows it would have seen. A batch may straddle
+    two epochs.
     """
 
     def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int,
@@ -38,56 +37,54 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.window = seq_len + 1
         self.num_windows = len(shards) // self.window
-        self.windows_per_rank = self.num_windows // world_size
-        if self.windows_per_rank == 0:
+        if self.num_windows < world_size:
             raise UserError(
                 f"sequence length {seq_len} is too long for {shards.dir} ({shards.split}: {len(shards):,} tokens, "
                 f"{self.num_windows} windows of {self.window} tokens for {world_size} rank(s)); "
                 "lower the sequence length or prepare more data")
-        self.epoch = 0
-        self.position = 0  # windows this rank has consumed in the current epoch
-        self._order: torch.Tensor | None = None
-        self._order_epoch = -1
-
-    def _rank_order(self) -> torch.Tensor:
-        if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_windows, generator=generator)
-            self._order = order[self.rank::self.world_size][:self.windows_per_rank]
-            self._order_epoch = self.epoch
-        return self._order
+        self.order = EpochOrder(self.num_windows, seed, rank, world_size, "windows")
 
     def __iter__(self) -> "BatchLoader":
         return self
 
     def __next__(self) -> Batch:
-        rows = np.empty((self.batch_size, self.window), dtype=np.int64)
-        for i in range(self.batch_size):
-            if self.position == self.windows_per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
-            index = int(self._rank_order()[self.position])
-            rows[i] = self.shards.read(index * self.window, self.window)
-            self.position += 1
+        rows = np.stack([self.shards.read(index * self.window, self.window)
+                         for index in self.order.take(self.batch_size)]).astype(np.int64)
         tokens = torch.from_numpy(rows)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    @property
+    def position(self) -> int:
+        return self.order.position
+
+    @property
+    def windows_per_rank(self) -> float:
+        """Windows this rank draws per epoch (fractional when world_size does not divide the epoch)."""
+        return self.num_windows / self.world_size
+
+    @property
     def batches_per_epoch(self) -> float:
-        """Batches this rank draws per pass over its windows (fractional: batches straddle epochs)."""
+        """Batches this rank draws per pass over the data (fractional: batches straddle epochs)."""
         return self.windows_per_rank / self.batch_size
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands; identical on every rank, so rank 0's copy resumes them all."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "world_size": self.world_size, "num_windows": self.num_windows}
+        """Where the loader stands in the global stream; identical on every rank, so rank 0's copy resumes them
+        all, at this world size or another."""
+        return {**self.order.state_dict(), "seed": self.seed, "seq_len": self.seq_len,
+                "num_windows": self.num_windows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where a saved loader stopped (the batch size may change; windows are counted)."""
-        for key in ("seed", "seq_len", "world_size", "num_windows"):
+        """Continue exactly where a saved loader stopped. The batch size and world size may change: the stream's
+        position is counted in windows (a resumed run sees the same data when the global batch is unchanged)."""
+        for key in ("seed", "seq_len", "num_windows"):
             if state.get(key) != getattr(self, key):
                 raise UserError(f"cannot resume the data loader: it was saved with {key}={state.get(key)}, "
                                 f"now {key}={getattr(self, key)}; resume with the same data and settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order.load_state_dict(state)
 
 
 def eval_batches(shards: TokenShards, batch_size: int, seq_len: int,

@@ -18,7 +18,7 @@ import torch
 
 from foundry.core.errors import UserError
 from foundry.data.instructions import IGNORE, Example
-from foundry.data.loader import _epoch_seed
+from foundry.data.order import EpochOrder
 
 PAD_SEGMENT = -1  # the segment of padding: no real token attends to it, nor it to one
 
@@ -118,46 +118,6 @@ def shifted_targets(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     return targets
 
 
-class EpochOrder:
-    """Which item comes next: each epoch a permutation seeded by (seed, epoch); rank r of world_size takes
-    every world_size-th item of it, so ranks never share an item and all take as many per epoch."""
-
-    def __init__(self, count: int, seed: int, rank: int = 0, world_size: int = 1, what: str = "rows"):
-        if not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} is outside world size {world_size}")
-        self.count, self.seed, self.rank, self.world_size = count, seed, rank, world_size
-        self.per_rank = count // world_size
-        if self.per_rank == 0:
-            raise UserError(f"{count} training {what} cannot feed {world_size} ranks; give more data")
-        self.epoch = 0
-        self.position = 0  # items this rank has taken in the current epoch
-        self._order: torch.Tensor | None = None
-        self._order_epoch = -1
-
-    def take(self, n: int) -> list[int]:
-        """The next n item indices (crossing into the next epoch when this one runs out)."""
-        out = []
-        for _ in range(n):
-            if self.position == self.per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
-            if self._order_epoch != self.epoch:
-                generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-                order = torch.randperm(self.count, generator=generator)
-                self._order = order[self.rank::self.world_size][:self.per_rank]
-                self._order_epoch = self.epoch
-            out.append(int(self._order[self.position]))
-            self.position += 1
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the order stands (identical on every rank)."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved state_dict."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
 def check_resume(state: dict[str, Any], expected: dict[str, Any], what: str) -> None:
     """Refuse to resume a loader saved with other data or settings (UserError names the first difference)."""
     for key, value in expected.items():
@@ -241,7 +201,7 @@ class InstructionLoader:
         self.order.load_state_dict(state)
 
     def _identity(self) -> dict[str, Any]:
-        return {"seed": self.seed, "seq_len": self.seq_len, "packing": self.packing, "world_size": self.world_size,
+        return {"seed": self.seed, "seq_len": self.seq_len, "packing": self.packing,
                 "num_rows": len(self.packed.rows), "rows_sha256": self.digest}
 
 

@@ -171,7 +171,7 @@ class PairLoader:
         self.order.load_state_dict(state)
 
     def _identity(self) -> dict[str, Any]:
-        return {"seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
+        return {"seed": self.seed, "seq_len": self.seq_len,
                 "num_pairs": len(self.pairs), "pairs_sha256": self.digest}
 
 

@@ -15,6 +15,7 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.download import MODEL_FILES, complete_snapshot, fetch, is_hub_id
 from foundry.hub.run_dir import latest_checkpoint
+from foundry.hub.sharded import is_sharded, read_sharded_state
 from foundry.hub.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors,
                                  weight_files, write_tensors)
 from foundry.model import Transformer
@@ -121,9 +122,12 @@ def load_weights(model: Transformer, model_dir: Path, device: str | torch.device
     expected = {name: t.shape for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    skip = ("lm_head.weight",) if config.tie_word_embeddings else ()  # some files store the tied head too
-    model.load_state_dict(read_state(model_dir, config, expected, device, dtype, trust_pickle, skip),
-                          strict=False, assign=True)
+    if is_sharded(model_dir):  # a distributed run's checkpoint: its ranks' shards, consolidated here
+        state = read_sharded_state(model_dir, expected, device, dtype)
+    else:
+        skip = ("lm_head.weight",) if config.tie_word_embeddings else ()  # some files store the tied head too
+        state = read_state(model_dir, config, expected, device, dtype, trust_pickle, skip)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.init_rotary(device)  # buffers were built on the meta device
 
@@ -187,8 +191,15 @@ def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     written = write_tensors(model_dir, layout_of(config).to_hf(state), parse_size(shard_size), dtype)
+    write_model_metadata(model_dir, config, written, tokenizer, generation_config, meta)
+
+
+def write_model_metadata(model_dir: Path, config: ModelConfig, dtype: torch.dtype, tokenizer: Any = None,
+                         generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Everything of a model directory but its weights: config.json (weights of `dtype`), generation_config.json,
+    the tokenizer and foundry.json."""
     hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(written).removeprefix("torch.")
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_json(model_dir / "config.json", hf)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}

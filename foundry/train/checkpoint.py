@@ -54,7 +54,8 @@ def clean_partial_writes(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _latest_name(run_dir: Path) -> str | None:
+def latest_name(run_dir: Path) -> str | None:
+    """The checkpoint name `latest` holds (None without one)."""
     pointer = run_dir / LATEST
     return pointer.read_text().strip() if pointer.is_file() else None
 
@@ -69,27 +70,43 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     name = checkpoint_name(step)
     final = run_dir / name
     if final.exists():
-        if _latest_name(run_dir) == name:  # already complete and current: nothing to do
+        if latest_name(run_dir) == name:  # already complete and current: nothing to do
             return final
-        # Left by a process killed before it pointed `latest` here (or by a run since rolled back):
-        # it may hold other settings' weights, so this run's state replaces it. `latest` names an older
-        # checkpoint throughout, so a crash at any point below still leaves a loadable run.
-        aside = run_dir / f".{name}.replaced.tmp"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-        shutil.rmtree(aside)
+        remove_stale(run_dir, name)
     with atomic_dir(final) as tmp:
         if write_model is not None:
             write_model(tmp, model, meta)
         else:
             hub.write_model_files(tmp, model, tokenizer, meta=meta)
-        (tmp / "trainer").mkdir()
-        with atomic_path(tmp / STATE_FILE) as state_path:
-            torch.save(trainer_state, state_path)
-    with atomic_file(run_dir / LATEST, "w") as handle:
-        handle.write(name + "\n")
-    _prune(run_dir, keep, newest=final)
+        write_trainer_state(tmp, trainer_state)
+    publish_latest(run_dir, final, keep)
     return final
+
+
+def remove_stale(run_dir: Path, name: str) -> None:
+    """Remove a step-N/ that `latest` does not name, before this run writes its own step N.
+
+    Left by a process killed before it pointed `latest` there (or by a run since rolled back), it may hold other
+    settings' weights, so this run's state replaces it. `latest` names an older checkpoint throughout, so a crash
+    at any point still leaves a loadable run."""
+    aside = run_dir / f".{name}.replaced.tmp"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(run_dir / name, aside)
+    shutil.rmtree(aside)
+
+
+def write_trainer_state(checkpoint_dir: Path, trainer_state: dict[str, Any]) -> None:
+    """trainer/state.pt inside a checkpoint being written."""
+    (checkpoint_dir / "trainer").mkdir()
+    with atomic_path(checkpoint_dir / STATE_FILE) as state_path:
+        torch.save(trainer_state, state_path)
+
+
+def publish_latest(run_dir: Path, checkpoint: Path, keep: int) -> None:
+    """Point `latest` at a complete checkpoint, then delete the complete ones past the newest `keep`."""
+    with atomic_file(run_dir / LATEST, "w") as handle:
+        handle.write(checkpoint.name + "\n")
+    _prune(run_dir, keep, newest=checkpoint)
 
 
 def _prune(run_dir: Path, keep: int, newest: Path) -> None:

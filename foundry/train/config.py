@@ -37,7 +37,8 @@ class TrainConfig:
                         metavar="RUN_DIR")
     tokenizer: str | None = _setting(None, "tokenizer directory", shown="the one stored in DATA_DIR", metavar="DIR")
     steps: int = _setting(1000, "optimizer steps in the whole run (a resumed run continues up to it)")
-    batch_size: int = _setting(8, "sequences per micro-batch")
+    batch_size: int = _setting(8, "sequences per micro-batch, over all data-parallel ranks (each takes "
+                               "batch-size / dp)")
     seq_len: int = _setting(256, "tokens per sequence")
     grad_accum: int = _setting(1, "micro-batches per optimizer step")
     lr: float = _setting(3e-3, "peak learning rate")
@@ -59,23 +60,40 @@ class TrainConfig:
     skip_nonfinite: int = _setting(0, "steps with a non-finite loss to skip (no update) before the run stops",
                                    metavar="N")
     compile: bool = _setting(False, "torch.compile the model")
-    activation_checkpointing: bool = _setting(False, "recompute activations in the backward pass to save memory")
+    activation_checkpointing: str = _setting("off", "recompute activations in the backward pass to save memory: "
+                                             "off, full (keep only each layer's input) or selective (keep the "
+                                             "matmul and attention outputs, recompute the rest)",
+                                             choices=("off", "full", "selective"))
     precision: str = _setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
                               choices=("auto", "fp32", "bf16"))
     fast_fp32: str = _setting("auto", "oneDNN fp32 matmuls on CPU: auto (only where exact: no AMX), on or off",
                               choices=("auto", "on", "off"))
     device: str = _setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", metavar="DEVICE")
+    parallel: str = _setting("auto", "data parallelism across processes (torchrun or --nproc): auto (fsdp when "
+                             "there are several data-parallel ranks), none, ddp (full replicas, gradients "
+                             "all-reduced) or fsdp (FSDP2: weights, gradients and optimizer state sharded)",
+                             choices=("auto", "none", "ddp", "fsdp"))
+    tp: int = _setting(1, "tensor-parallel degree: each layer's heads and hidden units split over this many "
+                       "neighbouring ranks, with sequence parallelism between them")
+    dp: int = _setting(0, "data-parallel degree (0: the world size divided by --tp)")
+    reshard_after_forward: bool = _setting(True, "fsdp: free each layer's gathered weights after its forward pass "
+                                           "(less memory, one more all-gather per layer in backward)")
+    dist_timeout: float = _setting(600.0, "seconds a rank waits for the others in a collective before the job "
+                                   "stops (a dead or stuck rank ends the run instead of hanging it)",
+                                   metavar="SECONDS")
     resume: bool = _setting(False, "continue the run in --out from its newest checkpoint, with its saved settings")
     overwrite: bool = _setting(False, "replace the run in --out")
     allow_changes: bool = _setting(False, "with --resume: accept settings that differ from the run's saved ones "
                                    "(run.yaml records each change)")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if isinstance(self.activation_checkpointing, bool):  # older run.yaml files hold a switch
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "off"
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "tp"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup", "skip_nonfinite", "eval_every", "save_every", "log_every", "eval_batches",
-                     "final_eval_batches", "keep_checkpoints"):
+                     "final_eval_batches", "keep_checkpoints", "dp"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -92,6 +110,8 @@ class TrainConfig:
                                 f"got {getattr(self, f.name)!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N (N a GPU index)")
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be positive seconds, got {self.dist_timeout}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise UserError(f"--time-budget must be positive seconds, got {self.time_budget}")
         if self.resume and self.overwrite:
@@ -135,10 +155,12 @@ ACTIONS = frozenset({"resume", "overwrite", "allow_changes"})
 
 # May differ on resume without --allow-changes: how far the run goes, where it lives and runs, and how often
 # it reports and saves. None of them changes which data a step sees or how it updates the weights, so the
-# run stays the run it was (another --device or --compile may round differently; raising --steps stretches
-# the cosine tail, which is what extending a run means).
+# run stays the run it was (another --device, --compile or parallel layout may round differently; --batch-size
+# is over all ranks, so another world size sees the same data; raising --steps stretches the cosine tail,
+# which is what extending a run means).
 FREE_ON_RESUME = frozenset({"steps", "out", "device", "compile", "activation_checkpointing", "log_every",
-                            "eval_every", "eval_batches", "final_eval_batches", "save_every", "keep_checkpoints"})
+                            "eval_every", "eval_batches", "final_eval_batches", "save_every", "keep_checkpoints",
+                            "parallel", "tp", "dp", "reshard_after_forward", "dist_timeout"})
 
 # Fixed by the checkpoint itself, even with --allow-changes.
 FIXED_ON_RESUME = {
@@ -154,6 +176,8 @@ def _yaml_value(name: str, value: Any, kind: type, optional: bool, source: str) 
     """A YAML value as the setting's type (YAML reads `3e-3` as a string), or a one-line error."""
     if value is None and optional:
         return None
+    if name == "activation_checkpointing" and isinstance(value, bool):  # older run.yaml files hold a switch
+        return "full" if value else "off"
     try:
         if kind is bool and isinstance(value, bool):
             return value

@@ -5,24 +5,30 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from foundry.core.version import __version__
 from foundry.eval.perplexity import Perplexity, evaluate
+from foundry.hub.sharded import is_sharded
 from foundry.train.budget import TimeBudget
 from foundry.train.checkpoint import load_trainer_state, restore_rng_states, rng_states, save_checkpoint
 from foundry.train.config import TrainConfig
 from foundry.train.loss import CausalLMLoss, NonFiniteLoss
 from foundry.train.metrics import MetricsLog, plot_losses, plot_title, read_metrics
+from foundry.train.parallel.apply import data_parallel_strategy, parallelize
+from foundry.train.parallel.checkpoint import (load_full_optimizer_state, load_sharded_checkpoint,
+                                               save_sharded_checkpoint)
+from foundry.train.parallel.gradients import clip_grad_norm
+from foundry.train.parallel.world import DistributedFailure, World, first_sentence, is_communication_error
 from foundry.train.progress import TrainReporter
 from foundry.train.schedule import lr_at
 from foundry.train.setup import RunSetup, prepare_run
-from foundry.train.speed import matmul_peak
+from foundry.train.speed import matmul_peak, peak_memory
 
 
 @dataclass
@@ -46,7 +52,11 @@ class TrainResult:
     best_val: Perplexity | None    # the lowest evaluation on the fixed sample (the plotted series), whole run
     val_sample: Perplexity | None  # the final evaluation on that fixed sample (comparable with best_val)
     skipped_steps: int             # steps skipped for a non-finite loss (--skip-nonfinite), whole run
-    stop_signal: int | None        # the SIGINT / SIGTERM that stopped the run
+    stop_signal: int | None        # the SIGINT / SIGTERM that stopped the run (on any rank)
+    world_size: int = 1            # processes the run trained in (tokens_per_second is over all of them)
+    layout: str = "one process"    # how they shared the work, in words
+    peak_memory: int | None = None  # bytes: CUDA's peak allocation on rank 0's GPU, else rank 0's peak RSS
+    peak_memory_source: str = ""
 
 
 class _StopRequest:
@@ -91,7 +101,11 @@ def train(cfg: TrainConfig, reporter: TrainReporter | None = None, setup: RunSet
     Raises NonFiniteLoss (a UserError) when the loss or the gradient norm is not finite on more steps
     than cfg.skip_nonfinite allows; nothing is saved then, so `latest` stays the last good checkpoint."""
     started = time.perf_counter()
-    return _Run(cfg, setup or prepare_run(cfg), reporter or TrainReporter(), started).run()
+    setup = setup or prepare_run(cfg)
+    result = _Run(cfg, setup, reporter or TrainReporter(), started).run()
+    if setup.world is not None:
+        setup.world.close()
+    return result
 
 
 class _Run:
@@ -100,7 +114,16 @@ class _Run:
     def __init__(self, cfg: TrainConfig, setup: RunSetup, progress: TrainReporter, started: float):
         self.cfg, self.setup, self.progress, self.started = cfg, setup, progress, started
         self.model, self.loader, self.device = setup.model, setup.loader, setup.device
-        self.optimizer = _optimizer(self.model, cfg)
+        self.world = setup.world or World(setup.device)
+        requested = setup.data_parallel if cfg.parallel == "auto" and setup.data_parallel else cfg.parallel
+        self.strategy = data_parallel_strategy(requested, self.world)
+        # FSDP and tensor parallel hold each weight in pieces: their checkpoints are written by every rank.
+        self.sharded = self.strategy == "fsdp" or self.world.tp > 1
+        objective = setup.objective if setup.objective is not None else CausalLMLoss(self.model)
+        self.loss_of = parallelize(self.model, objective, self.world, self.strategy,
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                   bf16=setup.bf16, reshard_after_forward=cfg.reshard_after_forward)
+        self.optimizer = _optimizer(self.model, cfg)  # over the laid-out (sharded) parameters
         self.step, self.total_steps, self.tokens, self.elapsed_before = 0, cfg.steps, 0, 0.0
         self.budget_fitted, self.skipped = False, 0
         self.last_finite: tuple[int, float] | None = None  # (step, loss) of the newest finite loss
@@ -108,11 +131,10 @@ class _Run:
             self._restore(load_trainer_state(setup.resume_from))
         self.start_step, self.checkpoint = self.step, setup.resume_from
         self.saved_step = self.step if setup.resume_from is not None else None
-        objective = setup.objective if setup.objective is not None else CausalLMLoss(self.model)
-        self.loss_of = torch.compile(objective) if cfg.compile else objective
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if setup.bf16 else nullcontext()
         self.metrics = MetricsLog(setup.run_dir / "metrics.jsonl",
-                                  resume_step=self.step if setup.resume_from is not None else None)
+                                  resume_step=self.step if setup.resume_from is not None else None,
+                                  writer=self.world.is_main)
         self.losses: list[float] = []
         self.val: Perplexity | None = None
         self.val_sample: Perplexity | None = None
@@ -122,7 +144,12 @@ class _Run:
         self.budget = self._time_budget() if cfg.time_budget else None
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.setup.resume_from):  # written by several ranks: resharded to this layout
+            load_sharded_checkpoint(self.setup.resume_from, self.model, self.optimizer)
+        elif self.sharded:  # a one-process or DDP checkpoint resumed sharded: the full state, by name
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         restore_rng_states(state)
         self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -151,22 +178,61 @@ class _Run:
                           else self.total_steps)
                 trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
                 share = f" of {setup.param_count:,}" if trainable != setup.param_count else ""
-                self.progress.note(f"training {trainable:,}{share} parameters on {self.device.type} "
+                self.progress.note(f"training {trainable:,}{share} parameters on {self._where()} "
                                    f"({'bf16 autocast' if setup.bf16 else 'fp32'}), {cfg.tokens_per_step:,} "
                                    f"tokens/step, steps {self.step}->{ending}")
-                while self.step < self.total_steps and stop.signal is None:
-                    self._iteration()
-                self._write_unlogged()
-                self.stop_signal = stop.signal
-                if stop.signal is not None:
-                    self.progress.note(f"stopping on signal {stop.signal} at step {self.step}: saving a checkpoint")
-                elif setup.has_validation:  # the loop never evaluates its last step: do it here
-                    self._final_eval()
-                self._save()
+                with self._peers_watched():
+                    while self.step < self.total_steps and not self._stopping(stop):
+                        self._iteration()
+                    self._write_unlogged()
+                    self._finish(stop)
         finally:
             self.progress.close()
             self.metrics.close()
         return self._result()
+
+    def _finish(self, stop: _StopRequest) -> None:
+        """After the last step: a final evaluation (unless a signal stopped the run), then a checkpoint."""
+        if self.stop_signal is None and stop.signal is not None:
+            self.stop_signal = stop.signal
+        if self.stop_signal is not None:
+            self.progress.note(f"stopping on signal {self.stop_signal} at step {self.step}: saving a checkpoint")
+        elif self.setup.has_validation:  # the loop never evaluates its last step: do it here
+            self._final_eval()
+        self._save()
+
+    def _stopping(self, stop: _StopRequest) -> bool:
+        """Whether to stop before the next step: a signal here, or (distributed) on any rank, so that every rank
+        stops at the same step and saves the same checkpoint together."""
+        if not self.world.distributed:
+            return stop.signal is not None
+        if self.world.any(stop.signal is not None):
+            self.stop_signal = stop.signal or signal.SIGTERM  # another rank's signal stops this one too
+            return True
+        return False
+
+    def _where(self) -> str:
+        if not self.world.distributed:
+            return self.device.type
+        layout = f"{self.strategy} over {self.world.dp} data-parallel ranks" if self.strategy != "none" else ""
+        if self.world.tp > 1:
+            layout = f"{layout}{', ' if layout else ''}tensor parallel {self.world.tp}-way"
+        return f"{self.world.size} processes on {self.device.type} ({layout})"
+
+    @contextmanager
+    def _peers_watched(self) -> Iterator[None]:
+        """Turn a collective that failed because another rank died or went silent into one clear line."""
+        try:
+            yield
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            if not self.world.distributed or not is_communication_error(exc):
+                raise
+            kept = f"{self.checkpoint.name} is the newest complete checkpoint" if self.checkpoint else \
+                "no checkpoint was saved yet"
+            raise DistributedFailure(
+                f"rank {self.world.rank} lost the other ranks at step {self.step} ({first_sentence(exc)}): another "
+                f"rank died, or stopped answering for longer than --dist-timeout ({self.cfg.dist_timeout:g} s); "
+                f"{kept}; start the job again with --resume") from None
 
     def _iteration(self) -> None:
         """One optimizer step, then what falls due after it: a refit, an evaluation, a checkpoint."""
@@ -178,7 +244,7 @@ class _Run:
         if self.budget is not None:
             if self.step > self.start_step + 1:  # an invocation's first step pays for compiling and warm-up
                 self.budget.timed_step(took)
-            if self.budget.due(self.elapsed()):
+            if self.world.from_main(self.budget.due(self.elapsed())):  # rank 0's clock decides for all
                 self._refit()
         if self._due(self.cfg.eval_every) and self.setup.has_validation:
             self.val = self._evaluate(self.cfg.eval_batches, "val")
@@ -199,14 +265,21 @@ class _Run:
         lr = lr_at(self.step, cfg.lr, warmup, self.total_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.world.dp > 1:
+            # Dropout draws its own numbers on each replica (one shared RNG state would drop the same units on
+            # every rank), seeded by (seed, step, rank): a resumed run at this layout draws the same again.
+            torch.manual_seed(hash((cfg.seed, self.step, self.world.dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = [t.to(self.device) for t in next(self.loader)]  # (x, y) for pretraining; a recipe's own
-            with self.autocast:
+        # (x, y) for pretraining; a recipe's own tensors otherwise. All of a step's micro-batches first, to weigh them.
+        batches = [[t.to(self.device) for t in next(self.loader)] for _ in range(cfg.grad_accum)]
+        shares = self._loss_shares(batches)
+        for micro, (batch, share) in enumerate(zip(batches, shares)):
+            with self._gradient_sync(micro == cfg.grad_accum - 1), self.autocast:
                 loss = self.loss_of(*batch)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+                (loss / cfg.grad_accum if share is None else loss * share).backward()
+            step_loss += loss.item() / cfg.grad_accum if share is None else loss.item() * share / self.world.dp
+        step_loss = self.world.mean([step_loss])[0] * (1 if shares[0] is None else self.world.dp)
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -215,6 +288,30 @@ class _Run:
         self.tokens += cfg.tokens_per_step
         self.losses.append(step_loss)
         return lr, step_loss, grad_norm, finite
+
+    def _loss_shares(self, batches: list[list[torch.Tensor]]) -> list[float | None]:
+        """Each micro-batch's factor on its mean loss so that the step's gradient is that of the mean over every
+        scored target of the step, on every rank: weight * dp / (the step's total weight); data parallel then
+        averages over the dp ranks. All None when the weights are equal (pretraining always): the plain mean of
+        means, loss / grad_accum, is then exactly that."""
+        weight_of = getattr(self.setup.objective, "loss_weight", None)
+        if weight_of is None:
+            return [None] * len(batches)
+        weights = [weight_of(*batch) for batch in batches]
+        total, squares = self.world.mean([sum(weights), sum(w * w for w in weights)])
+        count = len(weights)  # micro-batches per rank: means over ranks of per-rank sums / count = global means
+        if squares / count == (total / count) ** 2:  # every micro-batch on every rank weighs the same
+            return [None] * len(batches)
+        step_weight = total * self.world.dp
+        return [w * self.world.dp / step_weight for w in weights]
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """Data parallel: synchronise gradients only after a step's last micro-batch (once per step)."""
+        if self.strategy == "ddp" and not last_micro_batch:
+            return self.loss_of.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last_micro_batch)
+        return nullcontext()
 
     def _record(self, lr: float, loss: float, grad_norm: float, finite: bool) -> None:
         """Log the step that just ran; a non-finite one is skipped while --skip-nonfinite allows, else stops the run."""
@@ -263,7 +360,7 @@ class _Run:
                           cfg.save_every, final_batches)
 
     def _refit(self) -> None:
-        total = self.budget.fit(self.step, self.elapsed())
+        total = self.world.from_main(self.budget.fit(self.step, self.elapsed()))
         if total != self.total_steps or not self.budget_fitted:
             self.total_steps, self.budget_fitted = total, True
             self.progress.set_total(total)
@@ -341,9 +438,11 @@ class _Run:
         began = time.perf_counter()
         cfg, setup, val = self.cfg, self.setup, self.val
         trainer_state = {"step": self.step, "total_steps": self.total_steps, "budget_fitted": self.budget_fitted,
-                         "tokens": self.tokens, "elapsed": self.elapsed(), "optimizer": self.optimizer.state_dict(),
-                         "loader": self.loader.state_dict(), **rng_states(), "skipped_nonfinite": self.skipped,
-                         "last_finite": self.last_finite, "train_config": cfg.to_dict()}
+                         "tokens": self.tokens, "elapsed": self.elapsed(), "loader": self.loader.state_dict(),
+                         **rng_states(), "skipped_nonfinite": self.skipped, "last_finite": self.last_finite,
+                         "train_config": cfg.to_dict(), "world_size": self.world.size, "layout": self._where()}
+        if not self.sharded:  # a sharded run's optimizer state goes with its weights, each rank its share
+            trainer_state["optimizer"] = self.optimizer.state_dict()
         evaluation = {}
         if val is not None:
             evaluation = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_tokens": val.tokens,
@@ -352,12 +451,19 @@ class _Run:
                 evaluation["unigram_loss"] = setup.baseline.loss
         meta = {"foundry_version": __version__, "stage": setup.stage, "step": self.step, "tokens": self.tokens,
                 "train_config": cfg.to_dict(), **setup.meta, "data": setup.data_summary, "eval": evaluation}
-        self.checkpoint = save_checkpoint(setup.run_dir, self.step, self.model, setup.tokenizer, trainer_state,
-                                          meta, cfg.keep_checkpoints, setup.write_model)
+        if self.sharded:
+            self.checkpoint = save_sharded_checkpoint(setup.run_dir, self.step, self.model, self.optimizer,
+                                                      setup.tokenizer, trainer_state, meta, cfg.keep_checkpoints,
+                                                      self.world)
+        else:  # one process, or DDP's identical replicas: rank 0 writes the whole model
+            self.checkpoint = Path(self.world.run_on_main(lambda: str(save_checkpoint(
+                setup.run_dir, self.step, self.model, setup.tokenizer, trainer_state, meta, cfg.keep_checkpoints,
+                setup.write_model))))
         self.saved_step = self.step
-        plot_losses(setup.run_dir / "metrics.jsonl", setup.run_dir / "loss.png",
-                    setup.baseline.loss if setup.baseline else None,
-                    title=plot_title(cfg.model, setup.param_count, self.tokens))
+        if self.world.is_main:
+            plot_losses(setup.run_dir / "metrics.jsonl", setup.run_dir / "loss.png",
+                        setup.baseline.loss if setup.baseline else None,
+                        title=plot_title(cfg.model, setup.param_count, self.tokens))
         if self.budget is not None:
             self.budget.timed_save(time.perf_counter() - began)
 
@@ -370,11 +476,16 @@ class _Run:
         peak, source, mfu = None, None, None
         if tokens_per_second:
             peak, source = matmul_peak(self.device, torch.bfloat16 if self.setup.bf16 else torch.float32)
-            mfu = self.model.config.train_flops_per_token(cfg.seq_len) * tokens_per_second / peak
+            # Per device: the model FLOPs of the global token rate shared over every rank's peak.
+            mfu = self.model.config.train_flops_per_token(cfg.seq_len) * tokens_per_second / (peak * self.world.size)
+            if self.world.distributed:
+                source = f"{source}, per device"
+        memory, memory_source = peak_memory(self.device)
         return TrainResult(
             self.setup.run_dir, self.checkpoint, self.step, self.total_steps, self.val, self.setup.baseline,
             self.stop_signal is not None, self.losses, self.tokens, time.perf_counter() - self.started,
-            tokens_per_second, mfu, peak, source, self._best_val(), self.val_sample, self.skipped, self.stop_signal)
+            tokens_per_second, mfu, peak, source, self._best_val(), self.val_sample, self.skipped, self.stop_signal,
+            self.world.size, self._where(), memory, memory_source)
 
     def _best_val(self) -> Perplexity | None:
         """The lowest evaluation on the fixed sample in metrics.jsonl (earlier invocations included)."""

@@ -37,3 +37,8 @@ class CausalLMLoss(nn.Module):
         total = sum(F.cross_entropy(rows, target, ignore_index=-100, reduction="sum")
                     for rows, target in zip(logits.split(self.chunk_rows), targets.split(self.chunk_rows)))
         return total / (targets != -100).sum().clamp(min=1)
+
+    def loss_weight(self, inputs: torch.Tensor, targets: torch.Tensor, *rest: torch.Tensor) -> float:
+        """What forward's mean divides by: the batch's scored targets. The loop weighs micro-batches and ranks by
+        it, so that a step's loss is the mean over all its tokens (also when masks leave them unequal)."""
+        return float((targets != -100).sum().clamp(min=1))

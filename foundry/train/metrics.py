@@ -12,10 +12,15 @@ from foundry.core.units import human_count
 
 
 class MetricsLog:
-    """Append-only JSONL of metric records; a resumed run first drops records past its checkpoint."""
+    """Append-only JSONL of metric records; a resumed run first drops records past its checkpoint.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    writer False: a distributed run's other ranks, which read the log but leave writing it to rank 0."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, writer: bool = True):
         self.path = path
+        self.handle = None
+        if not writer:
+            return
         if resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -24,12 +29,15 @@ class MetricsLog:
         self.handle = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.handle is None:
+            return
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

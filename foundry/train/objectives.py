@@ -70,6 +70,10 @@ class DPOLoss(nn.Module):
         loss, chosen_reward, rejected_reward = self.pair_terms(chosen, chosen_targets, rejected, rejected_targets)
         return loss.mean()
 
+    def loss_weight(self, chosen: torch.Tensor, *rest: torch.Tensor) -> float:
+        """What forward's mean divides by: the batch's pairs."""
+        return float(chosen.shape[0])
+
 
 class ClassifyLoss(nn.Module):
     """Cross-entropy of a SequenceClassifier's logits against the labels (optionally class-weighted)."""
@@ -81,6 +85,12 @@ class ClassifyLoss(nn.Module):
 
     def forward(self, ids: torch.Tensor, pad_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.classifier(ids, pad_mask).float(), labels, weight=self.class_weights)
+
+    def loss_weight(self, ids: torch.Tensor, pad_mask: torch.Tensor, labels: torch.Tensor) -> float:
+        """What forward's mean divides by: the examples, or the sum of their class weights."""
+        if self.class_weights is None:
+            return float(labels.shape[0])
+        return float(self.class_weights[labels].sum())
 
 
 # ---- validation over a whole held-out set --------------------------------------------------------------

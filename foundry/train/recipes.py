@@ -130,7 +130,7 @@ def _starting_weights(loaded: Any, resume_from: Path | None, ft: FinetuneConfig,
 # ---- sft ---------------------------------------------------------------------------------------------------
 
 def build_sft(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.device, resume_from: Path | None,
-              notes: list[str]) -> Recipe:
+              notes: list[str], shard: tuple[int, int] = (0, 1)) -> Recipe:
     from foundry.data.instructions import load_examples, show_example
     from foundry.data.packing import InstructionLoader, held_out_batches
 
@@ -147,8 +147,8 @@ def build_sft(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.d
     if ft.show_example:
         notes.append(show_example(tokenizer, train_items[0][1], ft.train_on_prompt))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    loader = InstructionLoader([e for e, _ in train_items], cfg.batch_size, cfg.seq_len, cfg.seed, ft.packing,
-                               pad_id=pad)
+    loader = InstructionLoader([e for e, _ in train_items], cfg.batch_size // shard[1], cfg.seq_len, cfg.seed,
+                               ft.packing, rank=shard[0], world_size=shard[1], pad_id=pad)
     packed = loader.packed
     notes.append(f"sft: {len(train_items)} training examples in {len(packed.rows)} rows of {cfg.seq_len} tokens"
                  f"{' (packed)' if ft.packing else ''}, {len(val_items)} held out"
@@ -168,7 +168,7 @@ def build_sft(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.d
 # ---- dpo ---------------------------------------------------------------------------------------------------
 
 def build_dpo(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.device, resume_from: Path | None,
-              notes: list[str]) -> Recipe:
+              notes: list[str], shard: tuple[int, int] = (0, 1)) -> Recipe:
     from foundry.data.preferences import PairLoader, load_pairs
 
     tokenizer = loaded.tokenizer
@@ -181,7 +181,8 @@ def build_dpo(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.d
         held = val_data.pairs
     train_pairs, val_pairs = _split(data.pairs, held, ft, cfg.seed)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    loader = PairLoader(train_pairs, cfg.batch_size, cfg.seq_len, cfg.seed, pad_id=pad)
+    loader = PairLoader(train_pairs, cfg.batch_size // shard[1], cfg.seq_len, cfg.seed, rank=shard[0],
+                        world_size=shard[1], pad_id=pad)
     notes.append(f"dpo: {len(loader.pairs)} training pairs, {len(val_pairs)} held out, beta {ft.beta}"
                  + (f"; {loader.truncated} truncated to {cfg.seq_len} tokens" if loader.truncated else ""))
     model = _trainable(_starting_weights(loaded, resume_from, ft, device), ft, loaded, resume_from, notes)
@@ -208,7 +209,7 @@ def build_dpo(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.d
 # ---- classify ----------------------------------------------------------------------------------------------
 
 def build_classify(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.device,
-                   resume_from: Path | None, notes: list[str]) -> Recipe:
+                   resume_from: Path | None, notes: list[str], shard: tuple[int, int] = (0, 1)) -> Recipe:
     from foundry.data.labels import batches, class_weights, eval_batches, read_labelled
     from foundry.hub.classifier import classifier_from_causal, is_classifier_dir, load_classifier
 
@@ -248,7 +249,7 @@ def build_classify(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: to
         classifier.score.weight.requires_grad_(True)  # the new head trains whole (PEFT's modules_to_save)
     pad = classifier.pad_token_id
     weights = class_weights(train_labels, len(labels)).to(device) if ft.class_weights == "balanced" else None
-    loader = batches([i for i, _ in train_items], train_labels, cfg.batch_size, pad, cfg.seed)
+    loader = batches([i for i, _ in train_items], train_labels, cfg.batch_size // shard[1], pad, cfg.seed, *shard)
     counts = {label: train_labels.count(i) for i, label in enumerate(labels)}
     notes.append(f"classify: {len(train_items)} training texts ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
                  f"{len(val_items)} held out" + (", balanced class weights" if weights is not None else ""))
@@ -279,9 +280,12 @@ BUILDERS = {"sft": build_sft, "dpo": build_dpo, "classify": build_classify}
 
 
 def build(ft: FinetuneConfig, cfg: TrainConfig, loaded: Any, device: torch.device, resume_from: Path | None,
-          notes: list[str]) -> Recipe:
-    """The recipe `ft.recipe` over the starting model `loaded` (resumed from `resume_from` if given)."""
-    recipe = BUILDERS[ft.recipe](ft, cfg, loaded, device, resume_from, notes)
+          notes: list[str], shard: tuple[int, int] = (0, 1)) -> Recipe:
+    """The recipe `ft.recipe` over the starting model `loaded` (resumed from `resume_from` if given).
+
+    shard: (data-parallel rank, data-parallel ranks): this rank's share of the training data, cfg.batch_size
+    being the micro-batch over all of them."""
+    recipe = BUILDERS[ft.recipe](ft, cfg, loaded, device, resume_from, notes, shard)
     counts = parameter_counts(recipe.model)
     recipe.meta.update(counts)  # into foundry.json; RunSetup's parameter count
     trainable, total = counts["trainable_parameters"], counts["total_parameters"]

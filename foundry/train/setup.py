@@ -17,11 +17,12 @@ from foundry.data.shards import TokenShards, read_meta
 from foundry.core.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
 from foundry.hub import latest_checkpoint, resolve_model_source
-from foundry.hub.device import resolve_device
+from foundry.hub.sharded import is_sharded
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
 from foundry.train.checkpoint import clean_partial_writes, is_run_dir, load_trainer_state
 from foundry.train.config import ACTIONS, TrainConfig, read_run_yaml, resume_changes, save_run_yaml
+from foundry.train.parallel.world import World, start_world
 from foundry.train.speed import configure_fp32_matmul
 
 
@@ -47,6 +48,8 @@ class RunSetup:
     write_model: Callable[[Path, torch.nn.Module, dict[str, Any]], None] | None = None  # checkpoint files
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # more of foundry.json (the recipe, ...)
     recipe: Any = None  # the recipe's own parts, for its end-of-run report (train.recipes.Recipe)
+    world: World | None = None  # the processes the run trains in (None: this one alone)
+    data_parallel: str | None = None  # what --parallel auto means for this run (None: the loop's default)
 
     @property
     def has_validation(self) -> bool:
@@ -152,45 +155,75 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def prepare_run(cfg: TrainConfig) -> RunSetup:
+def join_world(cfg: TrainConfig) -> World:
+    """This process's place in the run: joins torchrun's process group when it started this process."""
+    return start_world(cfg.device, cfg.tp, cfg.dp, cfg.dist_timeout)
+
+
+def local_batch_size(cfg: TrainConfig, world: World) -> int:
+    """Sequences per micro-batch on each data-parallel rank: --batch-size is over all of them."""
+    if cfg.batch_size % world.dp:
+        raise UserError(f"--batch-size {cfg.batch_size} is the micro-batch over all {world.dp} data-parallel ranks "
+                        f"and must divide by {world.dp}; give a multiple of {world.dp}")
+    return cfg.batch_size // world.dp
+
+
+def check_tensor_parallel(config: ModelConfig, cfg: TrainConfig, world: World) -> None:
+    """Refuse a --tp this model or --seq-len cannot run (before anything is written)."""
+    if world.tp > 1:
+        from foundry.train.parallel.tensor_parallel import tensor_parallel_refusal
+
+        refusal = tensor_parallel_refusal(config, world.tp, cfg.seq_len)
+        if refusal:
+            raise UserError(refusal)
+
+
+def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
     """Check the inputs, then build or restore everything the loop needs.
 
     Nothing on disk changes before every check has passed. On resume, `cfg` must agree with the run's saved
-    settings (config.resume_changes says where it may differ); run.yaml records each change.
+    settings (config.resume_changes says where it may differ); run.yaml records each change. In a distributed
+    run rank 0 alone checks and writes the run directory; every rank builds the same model and its data shard.
     """
     if not cfg.model:
         raise UserError("--model is required: a preset (tiny, mini, small, ...), a model config YAML, "
                         "a model directory or a run directory")
     if not cfg.data:
         raise UserError("--data DATA_DIR is required (make one with `foundry prepare`)")
-    run_dir, resume_from = _locate_run(cfg)
-    history = resume_history(cfg, run_dir, resume_from)
-    device = resolve_device(cfg.device)
+    world = world or join_world(cfg)
+    run_dir, resume_from, history = world.run_on_main(lambda: _locate_and_check(cfg))
+    device = world.device
     bf16 = uses_bf16(cfg, device)
     configure_fp32_matmul(cfg.fast_fp32, device)
     tokenizer = _tokenizer(cfg)
     train_shards = TokenShards(cfg.data, "train", tokenizer=tokenizer)
     val_shards = TokenShards(cfg.data, "val", tokenizer=tokenizer) if _has_split(cfg.data, "val") else None
     config, model_dir = _model_config(cfg, tokenizer, resume_from)
-    loader = BatchLoader(train_shards, cfg.batch_size, cfg.seq_len, cfg.seed)
-    _make_run_dir(run_dir, resume_from is not None)  # last: the inputs have passed their checks
+    check_tensor_parallel(config, cfg, world)
+    loader = BatchLoader(train_shards, local_batch_size(cfg, world), cfg.seq_len, cfg.seed,
+                         rank=world.dp_rank, world_size=world.dp)
+    world.run_on_main(lambda: _make_run_dir(run_dir, resume_from is not None))  # the inputs have passed their checks
     torch.manual_seed(cfg.seed)
     weights_from = resume_from or model_dir
-    if weights_from is not None:
+    if weights_from is not None and not is_sharded(weights_from):
         # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
         model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
-    else:
+    else:  # a fresh model, or the shape of one a sharded checkpoint fills once the model is laid out
         model = Transformer(config)
         model.init_weights(cfg.seed)
         model.to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
     baseline = unigram_baseline(train_shards, val_shards, config.vocab_size) if val_shards is not None else None
-    save_run_yaml(run_dir / "run.yaml", cfg, history)
+    world.run_on_main(lambda: save_run_yaml(run_dir / "run.yaml", cfg, history))
     summary = {"dir": str(Path(cfg.data).resolve()), "train_tokens": len(train_shards),
                "val_tokens": len(val_shards) if val_shards is not None else 0,
                "tokenizer_fingerprint": tokenizer.fingerprint}
     return RunSetup(run_dir, device, bf16, tokenizer, model, sum(p.numel() for p in model.parameters()),
-                    loader, val_shards, baseline, resume_from, summary)
+                    loader, val_shards, baseline, resume_from, summary, world=world)
+
+
+def _locate_and_check(cfg: TrainConfig) -> tuple[Path, Path | None, list[dict[str, Any]]]:
+    run_dir, resume_from = _locate_run(cfg)
+    return run_dir, resume_from, resume_history(cfg, run_dir, resume_from)
 
 
 def _has_split(data_dir: str, split: str) -> bool:

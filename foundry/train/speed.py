@@ -66,3 +66,13 @@ def _measured_peak(device: torch.device, dtype: torch.dtype, fp32_precision: str
              else f"CPU, {threads} thread{'s' if threads > 1 else ''}")
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
     return 2 * n**3 / seconds, f"measured {name} {n}x{n} matmul on {where} (best of 3)"
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) of this process's peak memory: CUDA's peak allocation on a GPU, else the peak
+    resident set of the whole process (the Python runtime and libraries included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "peak CUDA allocation"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident memory of the process"
