@@ -71,7 +71,8 @@ def launch(verb: str, argv: list[str], nproc: int, max_restarts: int, out: str |
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # the cores this job may use, shared
     # A restarted round must not read the previous round's addresses from a store shared with the rendezvous
     # (pytorch/pytorch#135712: the restarted ranks then fail to connect): give the process group its own store.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
