@@ -190,3 +190,21 @@ def test_fsdp_under_bf16_computes_with_bf16_weights_and_keeps_fp32_masters(one_r
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert seen == [torch.bfloat16]  # gathered for compute in bf16
     assert isinstance(weight, DTensor) and weight.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_a_sharded_model_built_on_meta_gets_one_process_fresh_weights(one_rank_group):
+    from foundry.train.parallel.data_parallel import apply_fsdp
+    from foundry.train.parallel.materialize import is_on_meta, materialize
+
+    config = PRESETS["tiny"].replace(vocab_size=512)
+    fresh = Transformer(config)
+    fresh.init_weights(3)
+    with torch.device("meta"):
+        model = Transformer(config)
+    apply_fsdp(model, one_rank_group, bf16=False)
+    assert is_on_meta(model)
+    materialize(model, torch.device("cpu"), seed=3)
+    assert not is_on_meta(model) and model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    for name, param in model.named_parameters():
+        assert torch.equal(param.full_tensor(), dict(fresh.named_parameters())[name]), name
+    assert torch.equal(model.inv_freq, fresh.inv_freq)

@@ -4,6 +4,7 @@ extra modules under their own Hugging Face names)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -65,20 +66,29 @@ class Transformer(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value.to(device), persistent=False)
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Fresh initialisation: N(0, 0.02), residual outputs scaled by 1/sqrt(2L) (GPT-2)."""
+    def initial_values(self, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, fresh value) for every parameter in order, drawn one at a time on the CPU: N(0, 0.02), residual
+        outputs scaled by 1/sqrt(2L) (GPT-2), norms at their identity. Whoever holds the parameters (whole, or
+        sharded across devices) copies each value in; the draws never depend on where the weights live."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
-                param.fill_(0.0 if self.config.norm_unit_offset and self.config.norm_type == "rms" else 1.0)
+                value = 0.0 if self.config.norm_unit_offset and self.config.norm_type == "rms" else 1.0
+                yield name, torch.full(param.shape, value)
             elif name.endswith(".bias"):
-                param.zero_()
+                yield name, torch.zeros(param.shape)
             else:
                 s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                param.copy_(torch.randn(param.shape, generator=gen) * s)
+                yield name, torch.randn(param.shape, generator=gen) * s
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fresh initialisation (see initial_values), then the rotary buffers."""
+        params = dict(self.named_parameters())
+        for name, value in self.initial_values(seed):
+            params[name].copy_(value)
         self.init_rotary()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -24,6 +24,7 @@ from foundry.train.parallel.apply import data_parallel_strategy, parallelize
 from foundry.train.parallel.checkpoint import (load_full_optimizer_state, load_sharded_checkpoint,
                                                save_sharded_checkpoint)
 from foundry.train.parallel.gradients import clip_grad_norm
+from foundry.train.parallel.materialize import is_on_meta, materialize
 from foundry.train.parallel.world import DistributedFailure, World, first_sentence, is_communication_error
 from foundry.train.progress import TrainReporter
 from foundry.train.schedule import lr_at
@@ -123,6 +124,8 @@ class _Run:
         self.loss_of = parallelize(self.model, objective, self.world, self.strategy,
                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                    bf16=setup.bf16, reshard_after_forward=cfg.reshard_after_forward)
+        if is_on_meta(self.model):  # a sharded layout's model gets its storage only now, each rank its share
+            materialize(self.model, self.device, None if setup.resume_from is not None else cfg.seed)
         self.optimizer = _optimizer(self.model, cfg)  # over the laid-out (sharded) parameters
         self.step, self.total_steps, self.tokens, self.elapsed_before = 0, cfg.steps, 0, 0.0
         self.budget_fitted, self.skipped = False, 0

@@ -208,7 +208,12 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
     if weights_from is not None and not is_sharded(weights_from):
         # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
         model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
-    else:  # a fresh model, or the shape of one a sharded checkpoint fills once the model is laid out
+    elif _shards_weights(cfg, world):
+        # Sharded layouts build the model without storage; the loop materialises each rank's share once laid out
+        # (fresh weights, or a sharded checkpoint's).
+        with torch.device("meta"):
+            model = Transformer(config)
+    else:
         model = Transformer(config)
         model.init_weights(cfg.seed)
         model.to(device)
@@ -219,6 +224,12 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
                "tokenizer_fingerprint": tokenizer.fingerprint}
     return RunSetup(run_dir, device, bf16, tokenizer, model, sum(p.numel() for p in model.parameters()),
                     loader, val_shards, baseline, resume_from, summary, world=world)
+
+
+def _shards_weights(cfg: TrainConfig, world: World) -> bool:
+    from foundry.train.parallel.apply import data_parallel_strategy
+
+    return world.tp > 1 or data_parallel_strategy(cfg.parallel, world) == "fsdp"
 
 
 def _locate_and_check(cfg: TrainConfig) -> tuple[Path, Path | None, list[dict[str, Any]]]:
