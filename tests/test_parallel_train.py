@@ -117,6 +117,15 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(tmp_path, data
     _same_losses(one, reference)
 
 
+def test_a_run_from_a_model_directory_fills_the_shards_tensor_by_tensor(tmp_path, data_dir, reference):
+    """--model DIR under FSDP: the meta model is laid out first, then each rank copies in its shards of the
+    directory's tensors one at a time; the steps equal one process's from the same directory."""
+    start = ["--model", str(reference / "step-000003")]
+    _ok(_argv(data_dir, tmp_path / "one", 3, *start))
+    _ok(_argv(data_dir, tmp_path / "two", 3, *start, "--nproc", "2", "--parallel", "fsdp"))
+    _same_losses(tmp_path / "two", tmp_path / "one", steps=range(1, 4))
+
+
 def test_a_sharded_checkpoint_loads_and_exports_as_one_model(tmp_path, reference, fsdp_run):
     checkpoint = fsdp_run[0] / "step-000006"
     sharded = hub.load(checkpoint, dtype=torch.float32)  # consolidated in this process

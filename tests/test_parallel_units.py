@@ -203,7 +203,7 @@ def test_a_sharded_model_built_on_meta_gets_one_process_fresh_weights(one_rank_g
         model = Transformer(config)
     apply_fsdp(model, one_rank_group, bf16=False)
     assert is_on_meta(model)
-    materialize(model, torch.device("cpu"), seed=3)
+    materialize(model, torch.device("cpu"), model.initial_values(3))
     assert not is_on_meta(model) and model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     for name, param in model.named_parameters():
         assert torch.equal(param.full_tensor(), dict(fresh.named_parameters())[name]), name

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -91,9 +92,17 @@ def read_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.S
                dtype: torch.dtype | None, trust_pickle: bool = False, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """A directory's weights under foundry's names, checked against `expected` (name -> shape): every name there,
     nothing else; HF names in `skip` are passed over (a tied or unused output head some files carry)."""
+    return dict(iter_state(model_dir, config, expected, device, dtype, trust_pickle, skip))
+
+
+def iter_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.Size], device: str | torch.device,
+               dtype: torch.dtype | None, trust_pickle: bool = False,
+               skip: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """read_state one tensor at a time (a sharded run copies each into its shards, never holding the whole model);
+    the same checks, the missing names' once every file has been read."""
     layout = layout_of(config)
     kind, files = weight_files(model_dir, trust_pickle)
-    state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     unexpected = []
     for hf_name, tensor in read_tensors(kind, files):
         if hf_name in skip:
@@ -106,13 +115,13 @@ def read_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.S
             unexpected.append(hf_name)
             continue
         for name, part in parts:
-            state[name] = part.to(device=device, dtype=dtype or part.dtype)
-    missing = [name for name in expected if name not in state]
+            seen.add(name)
+            yield name, part.to(device=device, dtype=dtype or part.dtype)
+    missing = [name for name in expected if name not in seen]
     if missing or unexpected:
         raise UserError(f"{model_dir}: the weights do not match config.json ({config.architecture}): "
                         + "; ".join(f"{len(names)} {what}, first {names[0]}"
                                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
-    return state
 
 
 def load_weights(model: Transformer, model_dir: Path, device: str | torch.device = "cpu",

@@ -14,6 +14,7 @@ import torch
 
 from foundry.core.version import __version__
 from foundry.eval.perplexity import Perplexity, evaluate
+from foundry.hub.directory import iter_state
 from foundry.hub.sharded import is_sharded
 from foundry.train.budget import TimeBudget
 from foundry.train.checkpoint import load_trainer_state, restore_rng_states, rng_states, save_checkpoint
@@ -125,7 +126,7 @@ class _Run:
                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                    bf16=setup.bf16, reshard_after_forward=cfg.reshard_after_forward)
         if is_on_meta(self.model):  # a sharded layout's model gets its storage only now, each rank its share
-            materialize(self.model, self.device, None if setup.resume_from is not None else cfg.seed)
+            materialize(self.model, self.device, self._starting_weights())
         self.optimizer = _optimizer(self.model, cfg)  # over the laid-out (sharded) parameters
         self.step, self.total_steps, self.tokens, self.elapsed_before = 0, cfg.steps, 0, 0.0
         self.budget_fitted, self.skipped = False, 0
@@ -145,6 +146,18 @@ class _Run:
         self.unlogged: dict[str, Any] | None = None  # the newest step's metrics, until written
         self.stop_signal: int | None = None
         self.budget = self._time_budget() if cfg.time_budget else None
+
+    def _starting_weights(self):
+        """What a sharded run's model is filled with: a sharded checkpoint's shards (read in _restore, so None
+        here), a model directory's tensors one at a time, or fresh draws."""
+        source = self.setup.resume_from or self.setup.weights_dir
+        if source is None:
+            return self.model.initial_values(self.cfg.seed)
+        if is_sharded(source):
+            return None
+        expected = {name: p.shape for name, p in self.model.named_parameters()}
+        skip = ("lm_head.weight",) if self.model.config.tie_word_embeddings else ()
+        return iter_state(source, self.model.config, expected, "cpu", torch.float32, skip=skip)
 
     def _restore(self, state: dict[str, Any]) -> None:
         if is_sharded(self.setup.resume_from):  # written by several ranks: resharded to this layout

@@ -17,7 +17,6 @@ from foundry.data.shards import TokenShards, read_meta
 from foundry.core.errors import UserError
 from foundry.eval.perplexity import Perplexity, unigram_baseline
 from foundry.hub import latest_checkpoint, resolve_model_source
-from foundry.hub.sharded import is_sharded
 from foundry.model import Transformer
 from foundry.tokenizer import Tokenizer
 from foundry.train.checkpoint import clean_partial_writes, is_run_dir, load_trainer_state
@@ -50,6 +49,7 @@ class RunSetup:
     recipe: Any = None  # the recipe's own parts, for its end-of-run report (train.recipes.Recipe)
     world: World | None = None  # the processes the run trains in (None: this one alone)
     data_parallel: str | None = None  # what --parallel auto means for this run (None: the loop's default)
+    weights_dir: Path | None = None  # the model directory a fresh run starts from (None: fresh weights)
 
     @property
     def has_validation(self) -> bool:
@@ -205,14 +205,14 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
     world.run_on_main(lambda: _make_run_dir(run_dir, resume_from is not None))  # the inputs have passed their checks
     torch.manual_seed(cfg.seed)
     weights_from = resume_from or model_dir
-    if weights_from is not None and not is_sharded(weights_from):
-        # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
-        model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
-    elif _shards_weights(cfg, world):
-        # Sharded layouts build the model without storage; the loop materialises each rank's share once laid out
-        # (fresh weights, or a sharded checkpoint's).
+    if _shards_weights(cfg, world):
+        # Sharded layouts build the model without storage; the loop materialises each rank's share once it is laid
+        # out: fresh weights, a model directory's (tensor by tensor), or a sharded checkpoint's.
         with torch.device("meta"):
             model = Transformer(config)
+    elif weights_from is not None:
+        # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
+        model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
     else:
         model = Transformer(config)
         model.init_weights(cfg.seed)
@@ -223,7 +223,8 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
                "val_tokens": len(val_shards) if val_shards is not None else 0,
                "tokenizer_fingerprint": tokenizer.fingerprint}
     return RunSetup(run_dir, device, bf16, tokenizer, model, sum(p.numel() for p in model.parameters()),
-                    loader, val_shards, baseline, resume_from, summary, world=world)
+                    loader, val_shards, baseline, resume_from, summary, world=world,
+                    weights_dir=model_dir if resume_from is None else None)
 
 
 def _shards_weights(cfg: TrainConfig, world: World) -> bool:

@@ -3,6 +3,8 @@ the whole model, and the weights equal one process's fresh ones (the same draws,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -14,21 +16,22 @@ def is_on_meta(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int | None) -> None:
+def materialize(model: nn.Module, device: torch.device, values: Iterable[tuple[str, torch.Tensor]] | None) -> None:
     """Give a laid-out meta model (a Transformer, sharded by FSDP or tensor parallel or not) storage on `device`,
-    then its fresh weights: each full value is drawn on the CPU in the one-process order (model.initial_values),
-    and every rank copies in its own shard, so no collective runs and no rank holds more than one full tensor.
-    seed None leaves the storage uninitialised (a checkpoint is about to fill it)."""
+    then its weights from `values`: (name, full tensor) one at a time, on the CPU, such as the fresh draws of
+    model.initial_values(seed) or a model directory's tensors (hub.directory.iter_state). Every rank copies in
+    its own shard of each, so no collective runs and no rank holds more than one full tensor. values None
+    leaves the storage uninitialised (a sharded checkpoint is about to fill it)."""
     model.to_empty(device=device)
-    if seed is not None:
-        params = dict(model.named_parameters())
-        for name, value in model.initial_values(seed):
-            param = params[name]
-            if isinstance(param, DTensor):
-                shard = distribute_tensor(value.to(device), param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(value)
+    params = dict(model.named_parameters())
+    for name, value in values or ():
+        param = params[name]
+        value = value.to(device=device, dtype=param.dtype)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(value)
     model.init_rotary(device)
 
 
