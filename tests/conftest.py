@@ -47,3 +47,15 @@ def counting_tokenizer():
         return Tokenizer(backend, {"eos_token": "<|endoftext|>"})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models gain nothing from a second, and spinning threads crawl
+    on a shared, busy CI host. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,12 +47,7 @@ HF_CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Conf
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _config(family: str) -> ModelConfig:

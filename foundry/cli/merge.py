@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from foundry.cli.parsing import add_verb
@@ -11,14 +10,12 @@ from foundry.core.errors import UserError
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from foundry.core.files import atomic_dir
-    from foundry.hub import TOKENIZER_FILES, load, write_model_files
+    from foundry.hub import check_new_dir, load, save_loaded
     from foundry.hub.adapter import base_fingerprint, is_adapter_dir, load_adapter
     from foundry.model.lora import merge_lora
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty directory; choose another --out")
+    check_new_dir(out)
     if not is_adapter_dir(args.adapter):
         raise UserError(f"{args.adapter} is not an adapter directory (it has no adapter_config.json)")
     loaded = load(args.base, with_tokenizer=False, trust_pickle=args.trust_pickle)
@@ -27,13 +24,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     merged = merge_lora(loaded.model)
     meta = dict(loaded.meta)
     meta["merged_adapter"] = {"base": str(args.base), "adapter": str(args.adapter), "base_fingerprint": fingerprint}
-    if out.exists():
-        out.rmdir()  # empty (checked above); atomic_dir renames the finished directory into its place
-    with atomic_dir(out) as tmp:
-        write_model_files(tmp, loaded.model, None, loaded.generation_config, meta)
-        for name in TOKENIZER_FILES:
-            if (loaded.path / name).is_file():
-                shutil.copyfile(loaded.path / name, tmp / name)
+    save_loaded(out, loaded, meta)
     print(f"wrote {out}: {args.base} with the adapter {args.adapter} merged into {len(merged)} layers")
 
 

@@ -12,7 +12,8 @@ from foundry.hub.resolve import resolve_model_source
 from foundry.hub.run_dir import LATEST, latest_checkpoint
 
 _DIRECTORY = ("LoadedModel", "load", "save", "export", "write_model_files", "load_weights", "read_config",
-              "resolve_model_dir", "TOKENIZER_FILES")
+              "resolve_model_dir", "TOKENIZER_FILES",
+              "save_loaded", "check_new_dir")
 
 
 def __getattr__(name: str) -> Any:

@@ -250,9 +250,22 @@ def export(spec: str | Path, out_dir: str | Path, dtype: torch.dtype | None = No
     parse_size(shard_size)  # refuse bad arguments before any loading
     _check_new_dir(out_dir)
     loaded = load(spec, dtype=dtype, with_tokenizer=False, trust_pickle=trust_pickle)
+    return save_loaded(out_dir, loaded, loaded.meta or None, dtype, shard_size)
+
+
+def check_new_dir(out_dir: str | Path) -> None:
+    """Refuse an --out that exists and is not an empty directory (before any loading)."""
+    _check_new_dir(Path(out_dir))
+
+
+def save_loaded(out_dir: str | Path, loaded: LoadedModel, meta: dict[str, Any] | None,
+                dtype: torch.dtype | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """Save a loaded (perhaps since changed) model as a new directory, atomically: its weights, config and
+    generation config, `meta` as foundry.json, and the tokenizer files of the directory it was loaded from."""
+    out_dir = Path(out_dir)
     _new_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_model_files(tmp, loaded.model, None, loaded.generation_config, loaded.meta or None, dtype, shard_size)
+        write_model_files(tmp, loaded.model, None, loaded.generation_config, meta, dtype, shard_size)
         for name in TOKENIZER_FILES:
             if (loaded.path / name).is_file():
                 shutil.copyfile(loaded.path / name, tmp / name)
