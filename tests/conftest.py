@@ -1,6 +1,9 @@
 """Shared test fixtures. Keep this small: fixtures used by one test file live in that file."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled decode programs go to a cache of this test session's own (servers started by tests inherit it).
+os.environ["FOUNDRY_CACHE_DIR"] = tempfile.mkdtemp(prefix="foundry-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FOUNDRY_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from foundry.cli import generate, main
+from foundry.cli import engine_flags, main
 from foundry.infer import device
 from foundry.infer.chat import ChatSession
 from foundry.infer.engine import Engine
@@ -116,11 +116,12 @@ def test_dtype_bf16_runs_the_model_in_bf16(model_dir, capsys, monkeypatch):
     assert "(bfloat16)" in err and "warning" not in err
 
 
-def test_dtype_bf16_on_a_cpu_without_bf16_warns(model_dir, capsys, monkeypatch):
+def test_dtype_bf16_on_a_cpu_without_bf16_is_refused_not_emulated(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
-    assert main(["generate", str(model_dir), "--prompt", "x", "--dtype", "bf16", "--device", "cpu", *SAMPLING]) == 0
+    assert main(["generate", str(model_dir), "--prompt", "x", "--dtype", "bf16", "--device", "cpu", *SAMPLING]) == 2
     err = capsys.readouterr().err
-    assert "warning: --dtype bf16: this CPU has no bf16 instructions" in err and "(bfloat16)" in err
+    assert "--dtype bf16: this CPU has no bf16 instructions" in err and "would be emulated" in err
+    assert "Traceback" not in err
 
 
 def test_device_auto_is_the_default_and_picks_the_cpu_without_a_gpu(model_dir, capsys, monkeypatch):
@@ -129,8 +130,13 @@ def test_device_auto_is_the_default_and_picks_the_cpu_without_a_gpu(model_dir, c
     assert "on cpu (float32)" in capsys.readouterr().err  # auto: fp32 on a CPU
 
 
-def test_dtype_choices_match_the_engine_side():
-    assert generate.DTYPE_CHOICES == device.DTYPE_CHOICES
+def test_flag_choices_match_the_engine_side():
+    from foundry.infer import speculative
+    from foundry.model import weight_only
+
+    assert engine_flags.DTYPE_CHOICES == device.DTYPE_CHOICES
+    assert engine_flags.QUANTIZE_CHOICES == tuple(weight_only.SCHEMES)
+    assert engine_flags.SPECULATIVE_CHOICES == speculative.METHODS
 
 
 def test_chat_over_piped_stdin(model_dir, capsys, monkeypatch):
@@ -184,3 +190,34 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, monkeypatc
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and needle in err
+
+
+def test_serving_compiles_the_decode_step_unless_eager_and_generating_only_when_asked():
+    from foundry.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "m"]).compile is True and parse(["serve", "m", "--eager"]).compile is False
+    assert parse(["generate", "m"]).compile is False and parse(["generate", "m", "--compile"]).compile is True
+    args = parse(["chat", "m", "--quantize", "int4", "--group-size", "32", "--speculative", "ngram"])
+    assert engine_flags.engine_options(args) == {
+        "device": "auto", "dtype": "auto", "compile": False, "quantize": "int4", "group_size": 32,
+        "speculative": "ngram", "draft": None, "speculative_tokens": 4}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--speculative", "draft"], "--speculative draft needs --draft MODEL"),
+    (["--speculative", "ngram", "--draft", "."], "which --speculative ngram does not use"),
+    (["--quantize", "int8", "--group-size", "32"], "--group-size is for --quantize int4"),
+])
+def test_bad_engine_flag_combinations_are_refused_in_one_line(model_dir, capsys, flags, message):
+    assert main(["generate", str(model_dir), "--prompt", "x", *flags, *SAMPLING]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_quantised_on_the_fly_with_ngram_speculation_gives_the_quantised_greedy_text(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "def load(", "--quantize", "int4", "--group-size", "32",
+                 "--speculative", "ngram", "--json", *SAMPLING]) == 0
+    expected = Engine.load(model_dir, quantize="int4", group_size=32).generate(
+        ["def load("], SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert _records(capsys.readouterr().out)[0]["text"] == expected.text

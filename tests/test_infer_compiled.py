@@ -1,40 +1,65 @@
-"""The compiled decode step (Engine(compile=True)): the eager tokens, from two graphs for every batch and length."""
+"""The compiled decode step (Engine(compile=True)): the eager tokens, from two programs cached on disk."""
 
 import pytest
-import torch
-from torch._dynamo.utils import counters
 
 import foundry.infer.compiled as compiled_module
 from foundry.infer.engine import Engine
-from test_infer_scheduler import REQUESTS, _model, greedy, llama_config, prompt
+from foundry.model import Transformer
+from test_infer_scheduler import REQUESTS, _model, greedy, llama_config, mistral_config, prompt
 
 
 @pytest.fixture(autouse=True)
-def _inductor_cache(tmp_path, monkeypatch):
+def _caches(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    # Freezing without max-autotune: the same graphs and shapes, but not the ~60 s of benchmarking C++
-    # GEMM kernels per graph on two cores (which kernel inductor picks is its own business, not ours).
-    monkeypatch.setattr(compiled_module, "CPU_OPTIONS", {"freezing": True})
-    torch._dynamo.reset()
-    counters.clear()
+    monkeypatch.setenv(compiled_module.CACHE_ENV, str(tmp_path / "foundry"))
+    # Freezing without max-autotune: the same programs and shapes, but not the ~60 s of benchmarking C++
+    # GEMM kernels per program on two cores (which kernel inductor picks is its own business, not ours).
+    monkeypatch.setattr(compiled_module, "CPU_OPTIONS",
+                        {k: v for k, v in compiled_module.CPU_OPTIONS.items() if not k.startswith("max_autotune")})
 
 
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_for_every_batch_size():
-    # One family (each compile costs tens of seconds on two cores): Llama, whose 2 KV heads equal the
-    # warm-up's batch of 2, the case where duck sizing would tie the batch to them and recompile per size.
-    model = _model(llama_config)
+    model = _model(mistral_config)  # Llama's layers with a sliding window: a mask per layer type
     eager = Engine(model, prefill_chunk=8)
     compiled = Engine(model, prefill_chunk=8, compile=True)
     compiled.warm_up()
-    warm = counters["stats"]["unique_graphs"]
-    assert model.config.num_key_value_heads == 2  # the warm-up's batch of 2 meets a dimension of 2
+    step = compiled.compiled_step
+    assert set(step.programs) == {"one", "many"} and not any(step.loaded_from_cache.values())
     ids = [ids for ids, _ in REQUESTS.values()]
     params = [greedy(n) for _, n in REQUESTS.values()]
-    # Rows join and leave: the decode batch runs through sizes 1..4 at many lengths.
+    # Rows join and leave: the decode batch runs through sizes 1..4 at many lengths, past the window.
     assert [c.token_ids for c in compiled.generate(ids, params)] == [c.token_ids for c in eager.generate(ids, params)]
     alone = prompt(9, 5)
     assert compiled.generate([alone], greedy(12))[0].token_ids == eager.generate([alone], greedy(12))[0].token_ids
-    # Batch 1 and "more than one" (dynamic in size and length), plus the recompile that makes the first
-    # graph's length symbolic: never one graph per batch size or position.
-    assert 2 <= warm <= 3 and counters["stats"]["unique_graphs"] == warm  # the warm-up compiled them all
+    assert set(step.programs) == {"one", "many"}  # never one program per batch size or position
+
+
+@pytest.mark.slow
+def test_a_new_engine_loads_the_programs_from_disk_and_other_weights_get_their_own():
+    first, second = _model(llama_config), Transformer(llama_config())
+    second.init_weights(seed=1)
+    alone = prompt(9, 5)
+    built = Engine(first, compile=True)
+    expected = built.generate([alone], greedy(12))[0].token_ids
+    assert built.compiled_step.loaded_from_cache == {"one": False}
+    again = Engine(_model(llama_config), compile=True)  # the same weights: a later process's engine
+    assert again.generate([alone], greedy(12))[0].token_ids == expected
+    assert again.compiled_step.loaded_from_cache == {"one": True}
+    other = Engine(second, compile=True)  # the same shapes, other weights: its own program
+    tokens = other.generate([alone], greedy(12))[0].token_ids
+    assert other.compiled_step.loaded_from_cache == {"one": False}
+    assert tokens == Engine(second).generate([alone], greedy(12))[0].token_ids != expected
+    assert len(list((compiled_module.cache_dir()).glob("*.pt2"))) == 2  # no temporaries left
+
+
+def test_rows_outside_the_programs_range_take_the_eager_step(monkeypatch):
+    # The last position of a KV slot is past the programs' length range: that step runs eagerly (no compile).
+    model = _model(llama_config)
+    engine = Engine(model, compile=True, kv_cache_memory=None)
+    monkeypatch.setattr(compiled_module.AheadOfTimeStep, "_program", lambda *a: pytest.fail("compiled"))
+    slot_len = engine.scheduler.pool.slot_len
+    ids = prompt(7, slot_len - 1)  # the one decode step writes the slot's last position
+    plain = Engine(model).generate([ids], greedy(2))[0]
+    got = engine.generate([ids], greedy(2))[0]
+    assert got.token_ids == plain.token_ids and got.finish_reason == plain.finish_reason

@@ -37,9 +37,12 @@ def test_auto_device_is_a_gpu_when_there_is_one(monkeypatch, gpu):
         resolve_device("meta")
 
 
-def test_auto_dtype_is_fp32_on_a_cpu_whatever_the_checkpoint():
-    for stored in (None, torch.float32, torch.bfloat16, torch.float16):
-        assert resolve_dtype("auto", CPU, stored) == (torch.float32, None)
+def test_auto_dtype_on_a_cpu_is_fp32_but_keeps_a_bf16_checkpoint_where_bf16_is_native(monkeypatch):
+    for native in (False, True):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        for stored in (None, torch.float32, torch.float16):
+            assert resolve_dtype("auto", CPU, stored) == (torch.float32, None)
+        assert resolve_dtype("auto", CPU, torch.bfloat16) == (torch.bfloat16 if native else torch.float32, None)
 
 
 def test_auto_dtype_on_a_gpu(gpu):
@@ -51,15 +54,15 @@ def test_auto_dtype_on_a_gpu(gpu):
     assert resolve_dtype("auto", GPU, torch.bfloat16)[0] == torch.float32  # fp16 could overflow a bf16 model
 
 
-def test_bf16_is_refused_on_a_gpu_without_it_and_warned_on_a_cpu_without_it(gpu, monkeypatch):
+def test_bf16_is_refused_on_a_gpu_or_a_cpu_without_it(gpu, monkeypatch):
     gpu(False)
     with pytest.raises(UserError, match="Tesla V100 has no bf16"):
         resolve_dtype("bf16", GPU)
     gpu(True)
     assert resolve_dtype("bf16", GPU) == (torch.bfloat16, None)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
-    dtype, warning = resolve_dtype("bf16", CPU)
-    assert dtype == torch.bfloat16 and "no bf16 instructions" in warning
+    with pytest.raises(UserError, match="no bf16 instructions .* would be emulated"):
+        resolve_dtype("bf16", CPU)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("bf16", CPU) == (torch.bfloat16, None)
 

@@ -67,14 +67,17 @@ def free_port() -> int:
 
 
 class Server:
-    """A `python -m foundry.cli.serve` process; its log goes to a file the tests can read."""
+    """A `python -m foundry.cli.serve` process; its log goes to a file the tests can read.
+
+    --eager: the compiled decode step (serve's default) has its own tests (test_infer_compiled.py); compiling it
+    at every server start here would cost the suite minutes."""
 
     def __init__(self, model_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "foundry.cli.serve", str(model_dir), "--port", str(self.port),
-               "--served-model-name", "tiny", *flags]
+               "--served-model-name", "tiny", "--eager", *flags]
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=environ, cwd=ROOT)
         deadline = time.monotonic() + 120
@@ -457,3 +460,21 @@ def test_a_queued_client_that_leaves_is_dropped_from_the_queue(server, client, s
     assert after["foundry_requests_running"] == 1  # the long one still runs: the queued one left by itself
     running.close()
     wait_for(server, lambda m: m["foundry_requests_running"] == 0, "the long one stop")
+
+
+def test_a_quantised_speculating_server_gives_the_quantised_models_greedy_text(model_dir, tmp_path):
+    # `foundry serve --quantize int8 --speculative ngram`: the flags reach the engine, the drafts are verified
+    # to the plain quantised model's own greedy tokens, and /metrics counts them.
+    s = Server(model_dir, tmp_path / "server.log", "--quantize", "int8", "--speculative", "ngram",
+               env={"FOUNDRY_API_KEY": KEY})
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        prompt = "def f(x): return x\ndef f(x): return x\ndef f(x): return x\ndef f("
+        expected = greedy(Engine.load(model_dir, quantize="int8"), prompt, 32)
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=32, temperature=0)
+        assert got.choices[0].text == expected.text
+        m = metrics(s)
+        assert m["foundry_spec_draft_tokens_total"] > 0 and m["foundry_spec_verify_steps_total"] > 0
+        assert 0 <= m["foundry_spec_acceptance_rate"] <= 1
+    finally:
+        s.stop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from foundry.cli.engine_flags import add_device_flags, resolve_run_dtype
 from foundry.cli.parsing import add_verb
 from foundry.core.errors import UserError
 
@@ -23,27 +24,23 @@ if TYPE_CHECKING:  # imported when a verb runs: `foundry --help` needs no torch
 
 LM_EVAL_MISSING = "lm-eval is not installed; install it with: pip install 'foundry[eval]'"
 LM_EVAL_PREFIX = "lm-eval:"
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # foundry.infer.device's (importing it would import torch)
 
 
 class ModelUnderTest:
     """One model of an evaluation: its directory, loaded once, and the one Engine its generative tasks share."""
 
-    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", err: TextIO | None = None):
-        import torch
-
+    def __init__(self, spec: str, device: str = "auto", dtype: str = "auto", err: TextIO | None = None,
+                 quantize: str | None = None, group_size: int | None = None):
         from foundry import hub
         from foundry.hub.device import resolve_device
-        from foundry.hub.stored import checkpoint_dtype
-        from foundry.infer.device import resolve_dtype
 
         self.spec = spec
         self.dir = hub.resolve_model_dir(spec)
         self.device = resolve_device(device)
-        stored = getattr(torch, checkpoint_dtype(self.dir) or "", None)
-        self.dtype, warning = resolve_dtype(dtype, self.device, stored if isinstance(stored, torch.dtype) else None)
-        if warning:
-            (err or sys.stderr).write(f"warning: {warning}\n")
+        self.dtype = resolve_run_dtype(self.dir, dtype, self.device, err)
+        if group_size is not None and quantize != "int4":
+            raise UserError("--group-size is for --quantize int4 (int8 has one scale per output channel)")
+        self.quantize, self.group_size = quantize, group_size  # weight-only, applied on loading
         self._loaded: LoadedModel | None = None
         self._engine: Engine | None = None
 
@@ -54,6 +51,10 @@ class ModelUnderTest:
             from foundry import hub
 
             self._loaded = hub.load(self.dir, device=self.device, dtype=self.dtype)
+            if self.quantize is not None:
+                from foundry.model.weight_only import quantize_model
+
+                quantize_model(self._loaded.model, self.quantize, self.group_size)
         return self._loaded
 
     @property
@@ -358,7 +359,7 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     specs = [args.model] + ([args.model_b] if args.model_b else [])
     models, results = [], []
     for spec in specs:
-        model = ModelUnderTest(spec, args.device, args.dtype, err)
+        model = ModelUnderTest(spec, args.device, args.dtype, err, args.quantize, args.group_size)
         models.append(model)
         results.append(evaluate_model(model, plan, args))
         model._loaded = model._engine = None  # one model in memory at a time
@@ -409,8 +410,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", default=None, metavar="DIR", help="lm-eval: a folder of task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (a count or fraction)")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples in each prompt")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: fp32 on CPU, bf16 on a GPU")
+    add_device_flags(p)
     p.add_argument("--no-save", action="store_true", help="do not write the results into foundry.json")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--predictions", action="store_true",

@@ -7,54 +7,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
 
+from foundry.cli.engine_flags import add_engine_flags, build_engine, engine_options
 from foundry.cli.parsing import add_verb
 from foundry.core.errors import UserError
 
 if TYPE_CHECKING:  # imported when a verb runs: `foundry --help` needs no torch
-    from foundry.infer.engine import Completion, Engine
+    from foundry.infer.engine import Completion
     from foundry.infer.sampling import SamplingParams
 
 CHAT_HELP = "type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) quits"
-# Mirrors foundry.infer.device (importing it here would import torch for `foundry --help`).
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
-
-def _engine(model: str, device: str = "auto", compile: bool = False, dtype: str = "auto",
-            err: TextIO | None = None, kv_cache_memory: str | int | None = None,
-            max_batch_size: int | None = None) -> "Engine":
-    import torch
-
-    from foundry import hub
-    from foundry.cli.info import checkpoint_dtype
-    from foundry.hub.weights import parse_size
-    from foundry.infer.device import resolve_device, resolve_dtype
-    from foundry.infer.engine import Engine
-
-    where = resolve_device(device)
-    model_dir = hub.resolve_model_dir(model)  # a run directory's newest checkpoint, a Hub download
-    stored = getattr(torch, checkpoint_dtype(model_dir) or "", None)
-    run_dtype, warning = resolve_dtype(dtype, where, stored if isinstance(stored, torch.dtype) else None)
-    if warning:
-        (err or sys.stderr).write(f"warning: {warning}\n")
-    extra: dict = {}
-    if kv_cache_memory is not None:
-        try:
-            extra["kv_cache_memory"] = parse_size(kv_cache_memory)
-        except UserError as exc:
-            raise UserError(f"--kv-cache-memory: {exc}") from None
-    if max_batch_size is not None:
-        if max_batch_size < 1:
-            raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
-        extra["max_batch_size"] = max_batch_size
-    engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile, **extra)
-    if engine.tokenizer is None:
-        raise UserError(f"{model} has no tokenizer.json: text generation needs the model's tokenizer")
-    if compile:
-        (err or sys.stderr).write("compiling the decode step (a minute or two on two cores, once)...\n")
-        engine.warm_up()
-    return engine
 
 
 def read_prompts(path: str, stdin: TextIO | None = None) -> list[str]:
@@ -93,15 +56,14 @@ def _in_prompt_order(deltas: Iterable) -> Iterator[tuple[int, "Completion"]]:
             following += 1
 
 
-def run_generate(model: str, prompts: list[str], params: SamplingParams, device: str = "auto",
-                 compile: bool = False, out: TextIO | None = None, err: TextIO | None = None,
-                 dtype: str = "auto", as_json: bool = False, kv_cache_memory: str | None = None) -> None:
+def run_generate(model: str, prompts: list[str], params: SamplingParams, out: TextIO | None = None,
+                 err: TextIO | None = None, as_json: bool = False, **engine: Any) -> None:
     """Complete the prompts in batches through one engine: one prompt streams to `out`, several print in order;
-    as_json writes one JSON object a prompt (JSON Lines)."""
+    as_json writes one JSON object a prompt (JSON Lines). `engine`: build_engine's options (device, dtype, ...)."""
     out, err = out or sys.stdout, err or sys.stderr  # looked up now, so redirections made later apply
     if not prompts:
         raise UserError("give at least one --prompt or --prompts-file (or pipe the prompt on stdin)")
-    engine = _engine(model, device, compile, dtype, err, kv_cache_memory)
+    engine = build_engine(model, err=err, **engine)
     start = time.perf_counter()
     completions = []
     if len(prompts) == 1 and not as_json:
@@ -129,14 +91,14 @@ def run_generate(model: str, prompts: list[str], params: SamplingParams, device:
               f"finished by {reasons}]\n")
 
 
-def run_chat(model: str, params: SamplingParams, system: str | None = None, device: str = "auto",
-             compile: bool = False, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
-             dtype: str = "auto") -> None:
-    """An interactive conversation over stdin/stdout, streaming each reply; works with piped input too."""
+def run_chat(model: str, params: SamplingParams, system: str | None = None, stdin: TextIO | None = None,
+             out: TextIO | None = None, err: TextIO | None = None, **engine: Any) -> None:
+    """An interactive conversation over stdin/stdout, streaming each reply; works with piped input too.
+    `engine`: build_engine's options (device, dtype, ...)."""
     from foundry.infer.chat import PLAIN_FORMAT_NOTE, ChatSession
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    session = ChatSession(_engine(model, device, compile, dtype, err), system, params)
+    session = ChatSession(build_engine(model, err=err, **engine), system, params)
     interactive = stdin.isatty()
     if not session.templated:
         err.write(f"note: {PLAIN_FORMAT_NOTE}\n")
@@ -181,12 +143,7 @@ def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     # Unset flags stay None so that the model's generation_config.json supplies the default.
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto (fp32 on CPU; on a GPU bf16, or fp16 for an fp16 checkpoint), fp32, bf16 (a warning "
-                        "on a CPU without bf16 instructions; refused on a GPU without bf16), fp16 (GPU only)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step: faster tokens after a one-off compile of a minute or so")
+    add_engine_flags(p, compiled_by_default=False)
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per reply")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: off)")
@@ -211,8 +168,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     elif not prompts and not sys.stdin.isatty():
         text = sys.stdin.read()  # piped text is one prompt (a whole file of code, say)
         prompts = [text] if text.strip() else []
-    run_generate(args.model, prompts, _sampling_params(args), device=args.device, compile=args.compile,
-                 dtype=args.dtype, as_json=args.json, kv_cache_memory=args.kv_cache_memory)
+    run_generate(args.model, prompts, _sampling_params(args), as_json=args.json, kv_cache_memory=args.kv_cache_memory,
+                 **engine_options(args))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -231,8 +188,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    run_chat(args.model, _sampling_params(args), system=args.system, device=args.device, compile=args.compile,
-             dtype=args.dtype)
+    run_chat(args.model, _sampling_params(args), system=args.system, **engine_options(args))
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from foundry.cli.generate import DTYPE_CHOICES, add_kv_cache_flag
+from foundry.cli.engine_flags import add_engine_flags, engine_options
+from foundry.cli.generate import add_kv_cache_flag
 from foundry.cli.parsing import add_verb
 from foundry.core.errors import UserError
 
@@ -15,7 +16,7 @@ ENV_KEY = "FOUNDRY_API_KEY"
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     from foundry import hub
-    from foundry.cli.generate import _engine
+    from foundry.cli.engine_flags import build_engine
     from foundry.serve import ServeConfig
     from foundry.serve.server import serve
 
@@ -39,8 +40,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it may use it "
               f"(set --api-key or {ENV_KEY})", file=sys.stderr)
-    serve(config, lambda: _engine(str(model_dir), args.device, args.compile, args.dtype,
-                                  kv_cache_memory=kv_cache_memory, max_batch_size=args.max_batch_size))
+    serve(config, lambda: build_engine(str(model_dir), kv_cache_memory=kv_cache_memory,
+                                       max_batch_size=args.max_batch_size, **engine_options(args)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,11 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long running requests may take to finish before they are stopped")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights' dtype (auto: fp32 on CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step before serving (/health answers 503 meanwhile: a minute or two on "
-                        "two cores), then faster decoding (benchmarks/decode_throughput.py measures it)")
+    # Serving is a long session: the compiled decode step is on unless --eager (/health answers 503 while it
+    # compiles: tens of seconds the first time on two cores, then cached; benchmarks/decode.py measures it).
+    add_engine_flags(p, compiled_by_default=True)
 
 
 def main(argv: list[str] | None = None) -> int:

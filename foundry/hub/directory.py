@@ -20,6 +20,7 @@ from foundry.hub.sharded import is_sharded, read_sharded_state
 from foundry.hub.weights import (DEFAULT_SHARD_SIZE, has_weights, layout_of, parse_size, read_tensors,
                                  weight_files, write_tensors)
 from foundry.model import Transformer
+from foundry.model.weight_only import quantization_of
 
 # Files written beside the weights that describe the tokenizer; `export` copies them as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -152,9 +153,15 @@ def load(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
         return _load_adapter_dir(model_dir, device, dtype, with_tokenizer, trust_pickle)
     config = read_config(model_dir)
-    with torch.device("meta"):
-        model = Transformer(config)
-    load_weights(model, model_dir, device, dtype or _checkpoint_dtype(model_dir), trust_pickle)
+    raw = _read_json(model_dir / "config.json")
+    if "quantization_config" in raw:  # weight-only int8/int4 (compressed-tensors): the linears stay integers
+        from foundry.hub.compressed import load_quantized
+
+        model = load_quantized(model_dir, config, raw, device, dtype or _checkpoint_dtype(model_dir), trust_pickle)
+    else:
+        with torch.device("meta"):
+            model = Transformer(config)
+        load_weights(model, model_dir, device, dtype or _checkpoint_dtype(model_dir), trust_pickle)
     model.eval()
     tokenizer = None
     if with_tokenizer and (model_dir / "tokenizer.json").is_file():
@@ -196,6 +203,14 @@ def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None
     Weights go under the family's Hugging Face names (fused and transposed back where it has such tensors),
     sharded past shard_size. generation_config is written as given, with ids from the config filling gaps."""
     config = model.config
+    if quantization_of(model) is not None:  # weight-only int8/int4: compressed-tensors' layout
+        from foundry.hub.compressed import quantization_config, quantized_tensors
+
+        tensors, written = quantized_tensors(model, dtype)
+        write_tensors(model_dir, tensors, parse_size(shard_size))
+        write_model_metadata(model_dir, config, written, tokenizer, generation_config, meta,
+                             quantization_config(model))
+        return
     state = dict(model.state_dict())
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -204,10 +219,14 @@ def write_model_files(model_dir: Path, model: Transformer, tokenizer: Any = None
 
 
 def write_model_metadata(model_dir: Path, config: ModelConfig, dtype: torch.dtype, tokenizer: Any = None,
-                         generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> None:
-    """Everything of a model directory but its weights: config.json (weights of `dtype`), generation_config.json,
-    the tokenizer and foundry.json."""
+                         generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+                         quantization_config: dict[str, Any] | None = None) -> None:
+    """Everything of a model directory but its weights: config.json (weights of `dtype`, quantised as
+    `quantization_config` says, if given), generation_config.json, the tokenizer and foundry.json."""
     hf = config.to_hf_dict()
+    hf.pop("quantization_config", None)  # read from a quantised directory, but these weights may not be
+    if quantization_config is not None:
+        hf["quantization_config"] = quantization_config
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_json(model_dir / "config.json", hf)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,

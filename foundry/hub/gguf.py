@@ -21,8 +21,10 @@ import torch
 from foundry.config import ModelConfig
 from foundry.core.errors import UserError
 from foundry.core.files import atomic_path
+from foundry.hub.compressed import is_quantized_dir
 from foundry.hub.directory import LoadedModel, load, read_config, resolve_model_dir
 from foundry.hub.weights import layout_of
+from foundry.model.weight_only import quantization_of
 from foundry.tokenizer.tokenizer import END_OF_TURN_TOKENS, SPLIT_PATTERN
 
 if TYPE_CHECKING:
@@ -69,6 +71,11 @@ class _Tensor:
     values: Callable[[], np.ndarray]  # float32 values in GGUF row order, computed only when written
 
 
+# Dequantising int4 into q8_0 would keep int4's error at q8_0's size: better to start from the original weights.
+_QUANTIZED = ("{} is weight-only quantised (compressed-tensors); export the unquantised model instead, with "
+              "--type q8_0 for 8-bit GGUF weights")
+
+
 def write_gguf(model: str | Path | LoadedModel, out_path: str | Path, type: str = "f16", *,
                trust_pickle: bool = False) -> GGUFExport:
     """Write a model (directory, run directory, Hub id or a LoadedModel) as a GGUF file of weight type
@@ -83,7 +90,11 @@ def write_gguf(model: str | Path | LoadedModel, out_path: str | Path, type: str 
         model_dir = resolve_model_dir(model, trust_pickle=trust_pickle)
         if (model_dir / "config.json").is_file():
             _llama_cpp_arch(read_config(model_dir))  # refuse before reading any weights
+            if is_quantized_dir(model_dir):
+                raise UserError(_QUANTIZED.format(model_dir))
         model = load(model_dir, trust_pickle=trust_pickle)
+    if quantization_of(model.model) is not None:
+        raise UserError(_QUANTIZED.format(model.path))
     config = model.config
     arch = _llama_cpp_arch(config)
     if model.tokenizer is None:

@@ -1,46 +1,212 @@
-"""The compiled decode step: one torch.compile graph for every batch size and sequence length.
+"""The compiled decode step: two compiled programs serve every batch size and position, cached on disk.
 
-On CPU the step is compiled with inductor's freezing (the weights become constants, packed once into
-the layout its own GEMM kernels want) and max-autotune with its C++ GEMM template. Measured on the
-ENVIRONMENT.md model (2 threads, fp32, batch 1, prefill included): 3.44x transformers' tokens/s, against
-1.41x for eager oneDNN-prepacked linears (benchmarks/decode_throughput.py), because the frozen C++ GEMVs
-stream the weights from memory ~2.5x as fast as oneDNN's. The graph is dynamic in the batch size and in the
-longest row's length (the scheduler keeps every per-row quantity in tensors and counts written tokens
-outside the call), so a process compiles two graphs: batch 1, and every larger batch.
+On CPU the step is exported (`torch.export`) and compiled ahead of time by AOTInductor with freezing (the
+weights become constants, packed once for the GEMM kernels) and max-autotune with inductor's C++ GEMM template;
+the package is written to the disk cache and loaded by every later process in well under a second, where a
+compile takes tens of seconds on two cores. The program takes the token ids, each row's position, the KV pool's
+tensors (it writes the new keys and values into them in place) and a tensor whose length is the longest row's
+length + 1, so the batch size and the length are symbolic: one program for batch 1 and one for 2..slots. Rows
+at a length outside the programs' range (the last position of a slot) take the eager step.
+
+The cache key covers everything the program bakes in: the weights (a hash of every tensor), the config, the
+KV pool's shape and dtype, torch's version, the CPU's capability and the compile options. On other devices the
+step is `torch.compile`d in process (not cached between processes).
 
 Freezing reads the weights once: the model must not change after the first step (the engine owns it)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
-# Inductor settings for the CPU step (applied around each call, so that nothing else in the process
-# compiles with them, e.g. a training step).
+from foundry.core.version import __version__
+
+# Inductor settings for the CPU programs.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                "max_autotune_report_choices_stats": False}
+CACHE_ENV = "FOUNDRY_CACHE_DIR"
 
 
-def compile_step(step: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
-    """`step` compiled for `device`: on CPU with freezing and the C++ GEMM template, elsewhere as is."""
-    # No guards on the model's modules and parameters: the engine owns the model and never changes it
-    # (freezing has copied the weights anyway), and checking them costs ~0.3 ms a step.
-    compiled = torch.compile(step, dynamic=True,
+def cache_dir() -> Path:
+    """Where compiled decode programs are kept: $FOUNDRY_CACHE_DIR/decode, else ~/.cache/foundry/decode."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "foundry"
+    return Path(root) / "decode"
+
+
+def compile_step(step: Callable[..., torch.Tensor], model: nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The engine's decode step (`step`, its eager bound method) compiled for `device`."""
+    if device.type == "cpu":
+        return AheadOfTimeStep(model, step)
+    return _torch_compiled(step)
+
+
+class AheadOfTimeStep:
+    """The decode step as AOTInductor programs (batch 1, and 2..slots), built or loaded at first use."""
+
+    def __init__(self, model: nn.Module, eager: Callable[..., torch.Tensor]):
+        self.model = model
+        self.eager = eager
+        self.programs: dict[str, Any] = {}  # "one" / "many" -> the loaded program
+        self.loaded_from_cache: dict[str, bool] = {}  # what the last build of each did (for tests and logs)
+        self._weights_hash: str | None = None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, pad_mask: torch.Tensor | None,
+                 every: bool = False) -> torch.Tensor:
+        pool, rows, end = cache.pool, len(cache.rows), cache.end
+        if every or pad_mask is not None or not 2 <= end < pool.slot_len or rows > pool.num_slots:
+            return self.eager(ids, positions, cache, pad_mask, every)
+        kind = "one" if rows == 1 else "many"
+        program = self.programs.get(kind) or self._program(kind, pool)
+        span = _span(end, pool.keys[0].device)
+        return program(ids, positions[:, 0], span, *pool.keys, *pool.values)
+
+    def _program(self, kind: str, pool: Any) -> Any:
+        """Load this kind's program from the disk cache, compiling and storing it first if it is not there."""
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+        path = cache_dir() / f"{self._key(kind, pool)}.pt2"
+        self.loaded_from_cache[kind] = path.exists()
+        if not path.exists():
+            exported = _export(self.model, kind, pool)
+            import torch._inductor.select_algorithm as select_algorithm
+
+            select_algorithm.PRINT_AUTOTUNE = False  # its per-GEMM timing tables would land on the user's stderr
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+            try:
+                aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=dict(CPU_OPTIONS))
+                os.replace(tmp, path)  # whole or not at all: another process may be reading the cache
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.programs[kind] = aoti_load_package(str(path))
+        return self.programs[kind]
+
+    def _key(self, kind: str, pool: Any) -> str:
+        """A digest of everything the program depends on."""
+        if self._weights_hash is None:
+            self._weights_hash = weights_digest(self.model)
+        config = getattr(self.model, "config", None)
+        facts = {"kind": kind, "weights": self._weights_hash, "foundry": __version__, "torch": torch.__version__,
+                 "cpu": torch.backends.cpu.get_cpu_capability(), "options": CPU_OPTIONS,
+                 "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
+                 "modules": sorted({type(m).__qualname__ for m in self.model.modules()}),
+                 "pool": [pool.num_slots, pool.slot_len, str(pool.keys[0].dtype), len(pool.keys)]}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter's and buffer's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        data = tensor.detach().contiguous().cpu()
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+class _Step(nn.Module):
+    """What is exported: the model's decode step over the pool's tensors, the length given by `span`'s."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
+                *kv: torch.Tensor) -> torch.Tensor:
+        layers = len(kv) // 2
+        cache = _StepView(list(kv[:layers]), list(kv[layers:]), positions, span.shape[0])
+        hidden = self.model.hidden_states(ids, positions[:, None], cache, None)
+        return self.model.logits(hidden[:, -1]).float()
+
+
+class _StepView:
+    """The KVCache interface over tensors only (kv_pool.DecodeView's general path): row r writes at positions[r]."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, end: Any):
+        self.keys, self.values, self.positions, self.end = keys, values, positions, end
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.length = 0  # unused: positions are given
+
+    def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
+        pass
+
+    def advance(self, new_tokens: int) -> None:
+        pass
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.rows, :, self.positions] = k[:, :, 0]
+        values[self.rows, :, self.positions] = v[:, :, 0]
+        n = self.positions.shape[0]
+        return keys[:n, :, :self.end], values[:n, :, :self.end]
+
+    def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor:
+        key = torch.arange(self.end, device=self.positions.device)[None]
+        query = self.positions[:, None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= key > query - window
+        return allowed[:, None, None]
+
+
+def _export(model: nn.Module, kind: str, pool: Any) -> Any:
+    """The decode step exported for `kind` ("one": batch 1; "many": 2..slots) and every length 2..slot_len-1."""
+    device = pool.keys[0].device
+    rows = 1 if kind == "one" else 2
+    ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    positions = torch.zeros(rows, dtype=torch.long, device=device)
+    length = torch.export.Dim("length", min=2, max=pool.slot_len - 1)
+    kv = tuple(pool.keys + pool.values)
+    if kind == "one" or pool.num_slots == 2:  # a batch dimension needs a range: 2 slots leave only batch 2
+        shapes: tuple = (None, None, {0: length}, tuple(None for _ in kv))
+    else:
+        batch = torch.export.Dim("batch", min=2, max=pool.num_slots)
+        shapes = ({0: batch}, {0: batch}, {0: length}, tuple(None for _ in kv))
+    with torch.no_grad():
+        return torch.export.export(_Step(model).eval(), (ids, positions, _span(2, device), *kv),
+                                   dynamic_shapes=shapes)
+
+
+_SPANS: dict[torch.device, torch.Tensor] = {}
+
+
+def _span(end: int, device: torch.device) -> torch.Tensor:
+    """A tensor of length `end` (its values unused): views of one buffer, so a step allocates nothing."""
+    buffer = _SPANS.get(device)
+    if buffer is None or len(buffer) < end:
+        buffer = _SPANS[device] = torch.empty(max(end, 4096), device=device, dtype=torch.uint8)
+    return buffer[:end]
+
+
+def _torch_compiled(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`step` (an engine's bound method) through torch.compile, dynamic in batch and length."""
+    # No guards on the model's modules and parameters (checking them costs ~0.3 ms a step): so each engine
+    # compiles its own copy of the step's code, or dynamo's per-code-object cache would hand a second engine
+    # the first one's graphs.
+    compiled = torch.compile(_own_code(step), dynamic=True,
                              options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as shape_config
-
-    cpu = device.type == "cpu"
-    if cpu:
-        import torch._inductor.select_algorithm as select_algorithm
-
-        select_algorithm.PRINT_AUTOTUNE = False  # its per-GEMM timing tables would land on the user's stderr
 
     def run(*args: Any) -> torch.Tensor:
         # No duck sizing: a batch of 2 must not be assumed equal to the 2 KV heads it was first seen beside.
-        with inductor_config.patch(CPU_OPTIONS if cpu else {}), \
-                shape_config.patch(use_duck_shape=False):
+        with shape_config.patch(use_duck_shape=False):
             return compiled(*args)
 
     return run
+
+
+def _own_code(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The bound method `method` with a fresh (equal) code object, so that dynamo's cache for it is its own."""
+    func = method.__func__  # type: ignore[attr-defined]
+    fresh = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                               func.__closure__)
+    fresh.__kwdefaults__ = func.__kwdefaults__
+    return types.MethodType(fresh, method.__self__)  # type: ignore[attr-defined]

@@ -27,12 +27,15 @@ def resolve_dtype(name: str, device: torch.device, stored: torch.dtype | None = 
                   ) -> tuple[torch.dtype, str | None]:
     """The dtype to run in for `--dtype name` on `device`, and a warning to show (None when all is well).
 
-    stored: the checkpoint's dtype, which `auto` follows on a GPU when it is 16-bit."""
+    stored: the checkpoint's dtype, which `auto` follows when it is 16-bit and the device computes in it."""
     if name not in DTYPE_CHOICES:
         raise UserError(f"--dtype {name!r} is not a choice; use {', '.join(DTYPE_CHOICES)}")
     if name == "auto":
         if device.type != "cuda":
-            return torch.float32, None  # CPU kernels are fastest (and prepacked) in fp32
+            # A bf16 checkpoint stays bf16 where the CPU computes bf16 in hardware (half the bytes a token
+            # reads, nothing lost); anything else runs in fp32, exact and fastest without native bf16.
+            native = stored == torch.bfloat16 and device.type == "cpu" and cpu_has_native_bf16()
+            return (torch.bfloat16 if native else torch.float32), None
         if stored == torch.float16:
             return torch.float16, None
         # bf16 halves memory and bandwidth and keeps fp32's range, so an fp32 checkpoint loses nothing visible;
@@ -43,8 +46,8 @@ def resolve_dtype(name: str, device: torch.device, stored: torch.dtype | None = 
         raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic "
                         "(it needs compute capability 8.0+); use --dtype fp16 or fp32")
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-        return dtype, ("--dtype bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 is emulated "
-                       "and slower than fp32; it only saves memory")
+        raise UserError("--dtype bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
+                        "emulated, many times slower than fp32; use --dtype fp32, or --quantize int8 to save memory")
     if dtype == torch.float16 and device.type == "cpu":
         raise UserError("--dtype fp16 runs on GPUs only: CPU fp16 kernels are slow or missing; use fp32 or bf16")
     return dtype, None

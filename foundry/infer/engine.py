@@ -20,7 +20,9 @@ from foundry.infer.compiled import compile_step
 from foundry.infer.prepack import can_prepack, prepack_linears
 from foundry.infer.sampling import SamplingParams
 from foundry.infer.scheduler import Completion, Delta, Request, Scheduler, TokenLogprob  # noqa: F401  (re-exported)
+from foundry.infer.speculative import SpeculationStats, SpeculativeConfig
 from foundry.model import Transformer
+from foundry.model.weight_only import quantize_model
 from foundry.model.rope import long_context_threshold
 
 Prompt = str | Sequence[int]
@@ -32,7 +34,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Any = None, device: str | torch.device = "cpu",
                  generation_config: dict[str, Any] | None = None, max_batch_size: int = 64,
                  compile: bool = False, prepack: bool = False, kv_cache_memory: int | None = None,
-                 prefill_chunk: int = 256, prefix_caching: bool = True):
+                 prefill_chunk: int = 256, prefix_caching: bool = True,
+                 speculative: SpeculativeConfig | None = None, draft: Transformer | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()  # note: a training loop must call .train() again after
         self.config = model.config
@@ -40,14 +43,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.max_batch_size = max_batch_size
-        # compile: the decode step becomes a compiled graph for every batch size and length (infer/compiled.py).
-        # It costs a minute or two once per process on two cores, so it is for long sessions.
+        # compile: the decode step becomes two compiled programs for every batch size and length
+        # (infer/compiled.py): tens of seconds to compile on two cores the first time, then loaded from disk.
         # prepack: swap large fp32 linears for oneDNN-packed ones (CPU). It changes the model in place,
         # so it is off for a model handed in (it may still be training) and on in Engine.load.
         self.prepacked = prepack and not compile and can_prepack(self.model, self.device)
         if self.prepacked:
             prepack_linears(self.model)
-        self._decode = compile_step(self._logits, self.device) if compile else self._logits
+        self.compiled_step = compile_step(self._logits, self.model, self.device) if compile else None
+        self._decode = self.compiled_step or self._logits
         # eos from the tokenizer (plus end-of-turn markers), generation_config.json and config.json.
         self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or ())
         self.stop_ids |= _id_set(self.generation_config.get("eos_token_id")) | _id_set(self.config.eos_token_id)
@@ -60,6 +64,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # prefix_caching: finished sequences stay in idle KV slots; a prompt starting alike copies their KV.
         self.prefix_caching = prefix_caching
+        # speculative: greedy rows draft tokens (n-gram lookup, or `draft`, a smaller model with the same
+        # vocabulary) that the model verifies in one call (infer/speculative.py). A draft alone means "draft".
+        self.speculative, self.draft = self._speculation(speculative, draft)
         self._scheduler: Scheduler | None = None
         self._tags = itertools.count()
         self._outbox: defaultdict[int, list[Delta]] = defaultdict(list)
@@ -75,14 +82,50 @@ class Engine:
                 return candidate
         return 0
 
+    def _speculation(self, config: SpeculativeConfig | None, draft: Transformer | None
+                     ) -> tuple[SpeculativeConfig | None, Transformer | None]:
+        """The checked speculative settings and the draft model, moved beside the model."""
+        if draft is not None and config is None:
+            config = SpeculativeConfig(method="draft")
+        if config is None:
+            return None, None
+        if config.method == "draft" and draft is None:
+            raise UserError("speculative method 'draft' needs a draft model: give one (--draft MODEL) or use ngram")
+        if config.method != "draft":
+            if draft is not None:
+                raise UserError(f"a draft model was given with speculative method {config.method!r}: "
+                                "use method 'draft', or drop the draft")
+            return config, None
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size} ids) differs from the "
+                            f"model's ({self.config.vocab_size}): give a draft with the same tokenizer")
+        draft = draft.to(self.device).eval()  # in its own dtype (Engine.load gives it the model's)
+        if self.prepacked and can_prepack(draft, self.device):
+            prepack_linears(draft)
+        return config, draft
+
     @classmethod
     def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             prepack: bool = True, **kwargs: Any) -> "Engine":
-        """An engine for a model directory, or a run directory's newest checkpoint (the engine owns its model)."""
+             prepack: bool = True, draft: str | Path | None = None, quantize: str | None = None,
+             group_size: int | None = None, **kwargs: Any) -> "Engine":
+        """An engine for a model directory, or a run directory's newest checkpoint (the engine owns its model).
+
+        draft: a smaller model directory for speculative decoding, loaded on the same device in the model's
+        dtype; its tokenizer must give the same ids as the model's.
+        quantize: "int8" or "int4" quantises the model's linears on loading (weight-only; model/weight_only.py),
+        int4 in groups of `group_size` inputs; the draft stays as it is stored."""
         from foundry import hub  # hub reads files; the engine itself only needs a model
 
         loaded = hub.load(spec, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, device, loaded.generation_config, prepack=prepack, **kwargs)
+        if quantize is not None:
+            quantize_model(loaded.model, quantize, group_size)
+        draft_model = None
+        if draft is not None:
+            drafted = hub.load(draft, device=device, dtype=next(loaded.model.parameters()).dtype)
+            _check_same_vocab(loaded.tokenizer, drafted.tokenizer, draft)
+            draft_model = drafted.model
+        return cls(loaded.model, loaded.tokenizer, device, loaded.generation_config, prepack=prepack,
+                   draft=draft_model, **kwargs)
 
     # ---- public ------------------------------------------------------------------------
 
@@ -136,12 +179,12 @@ class Engine:
                 self._outbox.pop(tag, None)
 
     def warm_up(self) -> None:
-        """Run decode steps at batch 1 and 2 now, so that a compiled engine compiles its graphs here (tens of
-        seconds, once) rather than inside the first requests; the KV pool is then started afresh."""
+        """Run decode steps at batch 1 and 2 now, so that a compiled engine builds (or loads) its programs here
+        rather than inside the first requests; the KV pool is then started afresh."""
         greedy = SamplingParams(temperature=0.0, max_new_tokens=3)
         stop_ids, self.stop_ids = self.stop_ids, set()  # an eos must not end a warm-up row before it decodes
         try:
-            self.generate([[0]], greedy)  # batch 1, at two lengths: the length becomes symbolic
+            self.generate([[0]], greedy)  # batch 1
             self.generate([[1], [2]], greedy)  # every larger batch
         finally:
             self.stop_ids = stop_ids
@@ -153,6 +196,14 @@ class Engine:
         if self._scheduler is None:
             self._scheduler = Scheduler(self, self.kv_cache_memory, self.prefill_chunk, self.prefix_caching)
         return self._scheduler
+
+    @property
+    def spec_stats(self) -> SpeculationStats | None:
+        """Speculative decoding's counters so far; None when the engine does not speculate or has not run yet.
+
+        Safe from any thread: it never creates the scheduler (the serving thread owns that)."""
+        scheduler = self._scheduler
+        return scheduler.spec_stats if scheduler is not None else None
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt given as text (tokenizer's special tokens added) or as ids (checked)."""
@@ -185,6 +236,15 @@ class Engine:
         hidden = self.model.hidden_states(ids, positions, cache, pad_mask)
         # Usually only the last position's logits are needed: then the head skips the rest of the prompt.
         return self.model.logits(hidden if every else hidden[:, -1]).float()
+
+
+def _check_same_vocab(tokenizer: Any, draft_tokenizer: Any, draft: str | Path) -> None:
+    """UserError unless both tokenizers (where both have one) map every token to the same id."""
+    if tokenizer is None or draft_tokenizer is None:
+        return
+    if tokenizer.backend.get_vocab(with_added_tokens=True) != draft_tokenizer.backend.get_vocab(with_added_tokens=True):
+        raise UserError(f"draft model {str(draft)!r} has another tokenizer than the model (different token ids): "
+                        "give a draft of the same model family")
 
 
 def _listed(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

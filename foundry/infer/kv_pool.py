@@ -29,10 +29,12 @@ class KVPool:
     """Keys and values [slots, kv_heads, slot_len, head_dim] per layer, allocated once; `lengths[s]` per slot."""
 
     def __init__(self, config: ModelConfig, budget_bytes: int, max_slots: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, slot_len: int | None = None):
         per_token = bytes_per_token(config, dtype)
-        # A slot holds the model's whole context when the budget allows, else as much as it does.
-        self.slot_len = max(1, min(config.max_position_embeddings, budget_bytes // per_token))
+        # A slot holds the model's whole context when the budget allows, else as much as it does
+        # (or at most `slot_len`: a draft model's pool is cut like its target's).
+        longest = config.max_position_embeddings if slot_len is None else min(slot_len, config.max_position_embeddings)
+        self.slot_len = max(1, min(longest, budget_bytes // per_token))
         self.num_slots = max(1, min(max_slots, budget_bytes // (per_token * self.slot_len)))
         shape = (self.num_slots, config.num_key_value_heads, self.slot_len, config.head_dim)
         # Zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
@@ -70,6 +72,10 @@ class KVPool:
     def prefill_view(self, slot: int) -> "PrefillView":
         """A cache for the next chunk of tokens of one slot."""
         return PrefillView(self, slot)
+
+    def span_view(self, slots: list[int], counts: list[int]) -> SpanView:
+        """A cache for counts[i] new tokens in slot slots[i], each row at its own length (speculative steps)."""
+        return SpanView(self, slots, counts)
 
 
 class DecodeView:
@@ -158,6 +164,80 @@ class PrefillView:
         if window is not None:
             allowed &= key > query - window
         return allowed[None, None]
+
+
+class SpanView:
+    """What the model sees of the pool when several slots each take a few tokens at once (KVCache's interface).
+
+    Row i feeds counts[i] real tokens (1..T, T the largest count) at positions lengths[slot] onwards. A row
+    with fewer than T is padded on the right: a padding query repeats the row's last real position (its
+    mask, its rotary), so it attends to real keys only and never makes a NaN, and its key/value is never
+    written, so padding costs compute but cannot disturb the pool. The rows need not be slots 0..n-1 (a
+    draft model speculates for some rows only); when they are (or there is one row) the keys are read as a
+    view, else gathered."""
+
+    def __init__(self, pool: KVPool, slots: list[int], counts: list[int]):
+        if not slots or len(slots) != len(counts) or min(counts) < 1:
+            raise ValueError("a span step takes at least one token in each of its rows")
+        starts = [pool.lengths[s] for s in slots]
+        ends = [start + count for start, count in zip(starts, counts)]
+        if max(ends) > pool.slot_len:
+            raise ValueError(f"KV slot full: a row exceeds its {pool.slot_len} positions")
+        self.pool = pool
+        self.slots, self.counts = list(slots), list(counts)
+        self.width = max(counts)
+        device = pool.device
+        # Positions [n, T]: where each token sits (padding repeats the row's last real one).
+        self.positions = torch.tensor([[start + min(j, c - 1) for j in range(self.width)]
+                                       for start, c in zip(starts, counts)], device=device)
+        if len(slots) > 1:  # where the real tokens go: their index in the flat [n*T], their slot and position
+            real = [(i, j) for i, c in enumerate(counts) for j in range(c)]
+            self._real = torch.tensor([i * self.width + j for i, j in real], device=device)
+            self._real_slots = torch.tensor([slots[i] for i, _ in real], device=device)
+            self._real_positions = torch.tensor([starts[i] + j for i, j in real], device=device)
+            self._slots = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
+        self.end = max(ends)
+        self.length = min(starts)  # KVCache's interface; the model is always given explicit positions
+
+    def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
+        if new_tokens != self.width or pad_mask is not None:
+            raise ValueError(f"a span step takes {self.width} tokens per row (padding is the view's own)")
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the real tokens' k/v [n, kv, T, hd] at their positions; return the rows' keys/values."""
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        n, heads, t, dim = k.shape
+        if n == 1:  # one row (batch-1 speculation), never padded: plain slices, no scatter or gather
+            s, start = self.slots[0], self.end - t
+            keys[s:s + 1, :, start:self.end] = k
+            values[s:s + 1, :, start:self.end] = v
+            return keys[s:s + 1, :, :self.end], values[s:s + 1, :, :self.end]
+        keys[self._real_slots, :, self._real_positions] = k.transpose(1, 2).reshape(n * t, heads, dim)[self._real]
+        values[self._real_slots, :, self._real_positions] = v.transpose(1, 2).reshape(n * t, heads, dim)[self._real]
+        if self._slots is None:
+            return keys[:n, :, :self.end], values[:n, :, :self.end]
+        return keys[self._slots, :, :self.end], values[self._slots, :, :self.end]
+
+    def advance(self, new_tokens: int) -> None:
+        """Nothing here: how many of the tokens a row keeps is decided after the call (`commit`, or the caller)."""
+
+    def commit(self) -> None:
+        """Count every real token each row just wrote."""
+        for slot, count in zip(self.slots, self.counts):
+            self.pool.lengths[slot] += count
+
+    def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor | None:
+        """[n, 1, T, end]: causal within each row's own positions (the newest `window` of them).
+
+        None (attend to every key) for one row taking one token without a window, as in DecodeView."""
+        if window is None and self.width == 1 and len(self.slots) == 1:
+            return None
+        key = torch.arange(self.end, device=self.pool.device)[None, None]
+        query = self.positions[:, :, None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= key > query - window
+        return allowed[:, None]
 
 
 class PrefixCache:

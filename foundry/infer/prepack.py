@@ -1,4 +1,4 @@
-"""CPU decoding speed: linear layers whose fp32 weights are prepacked once for oneDNN's kernels."""
+"""CPU decoding speed: linear layers whose fp32 (or native bf16) weights are prepacked once for oneDNN's kernels."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from torch import nn
 # Measured here (AMD Zen 5, 2 threads, fp32): oneDNN with a prepacked weight beats the default MKL
 # path 1.4-4x for one-token steps once a weight is >= ~1.5 MB (384x8192: 1.1 ms -> 0.25 ms), and
 # 1.3-3x at 16 tokens; smaller weights stay in cache, where MKL is as fast or faster (384x384:
-# 30 us vs 52 us). See benchmarks/decode_throughput.py for the effect on whole decode steps.
+# 30 us vs 52 us). See benchmarks/decode.py for the effect on whole decode steps.
 MIN_PACKED_ELEMENTS = 256 * 1024
 
 
 class PackedLinear(nn.Module):
-    """An inference-only stand-in for nn.Linear with the weight reordered for oneDNN (fp32, CPU)."""
+    """An inference-only stand-in for nn.Linear with the weight reordered for oneDNN (fp32 or bf16, CPU)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -30,9 +30,12 @@ class PackedLinear(nn.Module):
 
 
 def can_prepack(model: nn.Module, device: torch.device) -> bool:
-    """Whether prepacking applies: an fp32 model on a CPU whose torch has oneDNN."""
+    """Whether prepacking applies: an fp32 model (or bf16 where the CPU computes bf16 natively) on a CPU
+    whose torch has oneDNN."""
     dtype = next(model.parameters()).dtype
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    # oneDNN's own check of bf16 hardware (the engine never reaches here with emulated bf16: see infer/device.py)
+    packable = dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and packable and torch.backends.mkldnn.is_available()
 
 
 @torch.no_grad()

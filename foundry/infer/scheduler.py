@@ -2,7 +2,8 @@
 
 Each `step()` admits waiting requests while a slot is free, runs a token-budgeted amount of chunked
 prefill for them (so running decodes wait at most one budget's worth of prefill), and one decode token
-for every running row, each row at its own position (no left padding)."""
+for every running row, each row at its own position (no left padding). With speculative decoding
+(infer/speculative.py) a decode step may give a row several tokens; each goes through the stop rules in turn."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from foundry.infer.kv_pool import (
     common_prefix,
 )
 from foundry.infer.sampling import SamplingParams, make_generator, sample_next
+from foundry.infer.speculative import SpeculationStats, Speculator, Verified
 from foundry.model import KVCache
 
 if TYPE_CHECKING:
@@ -198,6 +200,9 @@ class Scheduler:
         self.prefilling: Request | None = None
         self.requests: dict[Hashable, Request] = {}
         self.prefix_cache = PrefixCache() if prefix_caching else None
+        self.speculator: Speculator | None = None
+        if getattr(engine, "speculative", None) is not None:
+            self.speculator = Speculator(engine.speculative, engine.draft, self.pool, prefill_chunk)
 
     # ---- public ------------------------------------------------------------------------
 
@@ -271,23 +276,38 @@ class Scheduler:
     def kv_capacity_tokens(self) -> int:
         return self.pool.capacity_tokens
 
+    @property
+    def spec_stats(self) -> SpeculationStats | None:
+        """Drafted / accepted token counters of speculative decoding (None when the engine does not speculate)."""
+        return self.speculator.stats if self.speculator is not None else None
+
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """One iteration: a decode token for each running row, then prefill within the token budget."""
+        """One iteration: a decode token (or a speculated few) for each running row, then prefill within the
+        token budget."""
         rows: list[Request] = []
         logits: list[torch.Tensor] = []
+        verified: list[tuple[Request, Verified]] = []
         if self.decoding:
-            rows += self.decoding
-            logits.append(self._decode())
+            outcome = self.speculator.step(self) if self.speculator is not None else None
+            if outcome is None:
+                rows += self.decoding
+                logits.append(self._decode())
+            else:
+                for request, result in zip(self.decoding, outcome):
+                    if isinstance(result, Verified):
+                        verified.append((request, result))
+                    else:
+                        rows.append(request)
+                        logits.append(result[None])
         for request, row_logits in self._prefill():
             rows.append(request)
             logits.append(row_logits[None])
-        if not rows:
+        if not rows and not verified:
             return []
-        tokens = self._sample(rows, torch.cat(logits))
+        tokens = self._sample(rows, torch.cat(logits)) if rows else []
         deltas, finished = [], []
-        for request, token in zip(rows, tokens):
-            text = request.add(token)
+        for request, text in [(r, r.add(t)) for r, t in zip(rows, tokens)] + [(r, _take(r, v)) for r, v in verified]:
             if request.finish_reason is not None:
                 deltas.append(request.delta(text))
                 finished.append(request)
@@ -309,12 +329,20 @@ class Scheduler:
         """Free decoding slot j: the last decoding row fills the hole, the prefilling one follows it down."""
         last = len(self.decoding) - 1
         self.pool.lengths[j] = 0
+        if self.speculator is not None:
+            self.speculator.drafter.start(j)
         if j != last:
-            self.pool.move(last, j)
+            self._move(last, j)
             self.decoding[j] = self.decoding[last]
         self.decoding.pop()
         if self.prefilling is not None:
-            self.pool.move(last + 1, last)
+            self._move(last + 1, last)
+
+    def _move(self, src: int, dst: int) -> None:
+        """Move a running row's slot (a draft model's slot follows)."""
+        self.pool.move(src, dst)
+        if self.speculator is not None:
+            self.speculator.drafter.move(src, dst)
 
     def _decode(self) -> torch.Tensor:
         """Feed each decoding row its last sampled token; their next-token logits [n, V]."""
@@ -390,6 +418,8 @@ class Scheduler:
 
     def _start(self, request: Request, slot: int) -> None:
         """Make `slot` ready for a new prompt, its longest cached prefix already in place."""
+        if self.speculator is not None:
+            self.speculator.drafter.start(slot)
         cache = self.prefix_cache
         if cache is None:
             self.pool.lengths[slot] = 0
@@ -453,10 +483,7 @@ class Scheduler:
             counts = torch.stack([r.counts if r.counts is not None else zero for r in rows])
         tokens = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen, counts).tolist()
         for i, j in enumerate(wanted):
-            row, k = logprobs[i], rows[j].params.logprobs
-            top = row.topk(k) if k else None
-            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            rows[j].logprobs.append(TokenLogprob(tokens[j], float(row[tokens[j]]), pairs))
+            rows[j].logprobs.append(_logprob(logprobs[i], tokens[j], rows[j].params.logprobs))
         return tokens
 
     def _recompute_long_row(self, row: int) -> torch.Tensor:
@@ -475,3 +502,23 @@ class Scheduler:
             self.pool.keys[layer][row, :, :length] = fresh.keys[layer][0]
             self.pool.values[layer][row, :, :length] = fresh.values[layer][0]
         return logits[0]
+
+
+def _logprob(row: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """A token's entry from its position's log-probabilities [V], with the k most likely."""
+    top = row.topk(k) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprob(token, float(row[token]), pairs)
+
+
+def _take(request: Request, verified: Verified) -> str:
+    """Give a request its speculated tokens one at a time, through the stop rules; the text they made safe."""
+    logprobs = verified.logits.log_softmax(dim=-1) if request.logprobs is not None else None
+    text = ""
+    for i, token in enumerate(verified.tokens):
+        if logprobs is not None:
+            request.logprobs.append(_logprob(logprobs[i], token, request.params.logprobs))
+        text += request.add(token)
+        if request.finish_reason is not None:
+            break
+    return text

@@ -42,7 +42,9 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
     """The server's app around a backend (its engine attached by whoever loads the model)."""
     app = FastAPI(title="foundry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config, app.state.backend = config, backend
-    app.state.metrics = metrics = Metrics(backend.stats, lambda: backend.aborted)
+    app.state.metrics = metrics = Metrics(
+        backend.stats, lambda: backend.aborted,
+        speculation=lambda: backend.engine.spec_stats if backend.engine is not None else None)
     app.state.started = int(time.time())
     install_handlers(app)
     app.add_middleware(_CountRequests, counter=metrics.requests)

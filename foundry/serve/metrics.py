@@ -11,17 +11,22 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from foundry.infer.speculative import SpeculationStats
 from foundry.serve.backend import Stats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
-    """Requests running and waiting, KV-cache use, prefix-cache hits, tokens in and out, and latencies."""
+    """Requests running and waiting, KV-cache use, prefix-cache hits, tokens in and out, and latencies.
 
-    def __init__(self, stats: Callable[[], Stats], aborted: Callable[[], int]):
+    speculation: the engine's speculative-decoding counters (scheduler.spec_stats), read when scraped; the
+    foundry_spec_* series appear while it gives some (None: the engine does not speculate)."""
+
+    def __init__(self, stats: Callable[[], Stats], aborted: Callable[[], int],
+                 speculation: Callable[[], SpeculationStats | None] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         # Running and waiting count sequences (a request with n choices is n), as the scheduler does.
@@ -36,6 +41,8 @@ class Metrics:
         Gauge("foundry_kv_cache_prefix_cached_tokens", "KV-cache positions the prefix cache keeps in idle slots",
               registry=r).set_function(lambda: stats().kv_cached_tokens)
         r.register(_HitTokens(stats))
+        if speculation is not None:
+            r.register(_Speculation(speculation))
         Gauge("foundry_requests_aborted", "Requests stopped before their end since start (client gone, "
               "or shutdown)", registry=r).set_function(aborted)
         self.requests = Counter("foundry_requests", "Requests answered, by route and HTTP status",
@@ -64,3 +71,29 @@ class _HitTokens:
         """The prefix-cache hit tokens so far."""
         yield CounterMetricFamily("foundry_prefix_cache_hit_tokens", "Prompt tokens of finished choices whose "
                                   "keys/values came from the prefix cache", value=self.stats().prefix_cache_hit_tokens)
+
+
+class _Speculation:
+    """Speculative decoding's counters and ratios, read from the scheduler when scraped (one snapshot)."""
+
+    def __init__(self, stats: Callable[[], SpeculationStats | None]):
+        self.stats = stats
+
+    def collect(self):  # prometheus_client's collector protocol
+        """Drafted and accepted tokens, verification steps, the acceptance rate and accepted tokens per step."""
+        s = self.stats()
+        if s is None:
+            return
+        yield CounterMetricFamily("foundry_spec_draft_tokens", "Tokens proposed by the drafter (n-gram lookup "
+                                  "or draft model) for the model to verify", value=s.drafted)
+        yield CounterMetricFamily("foundry_spec_accepted_tokens", "Drafted tokens equal to the model's own "
+                                  "choice, so kept", value=s.accepted)
+        yield CounterMetricFamily("foundry_spec_verify_steps", "Decode steps that verified drafts (one model "
+                                  "call each, for all speculating rows)", value=s.steps)
+        yield CounterMetricFamily("foundry_spec_verified_rows", "Sequences' verifications (a sequence with "
+                                  "drafts in a verify step)", value=s.rows)
+        yield GaugeMetricFamily("foundry_spec_acceptance_rate", "Accepted over drafted tokens since start",
+                                value=s.acceptance_rate)
+        yield GaugeMetricFamily("foundry_spec_mean_accepted_tokens", "Accepted drafts per sequence per verify "
+                                "step since start (each also gains one token of the model's own)",
+                                value=s.mean_accepted)
