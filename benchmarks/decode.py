@@ -169,27 +169,33 @@ def code_prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 
 def speculative_table(path: Path, args: argparse.Namespace) -> None:
-    plain = Engine.load(path)
-    if plain.tokenizer is None:
+    tokenizer = hub.load(path).tokenizer
+    if tokenizer is None:
         print("\nspeculative: skipped (the model has no tokenizer for code prompts)")
         return
-    ngram = Engine.load(path, speculative=SpeculativeConfig(method="ngram", num_tokens=args.speculative_tokens))
-    prompts = code_prompts(plain.tokenizer, 4)
-    runners = {"plain": engine_runner(plain, args.new_tokens), "n-gram": engine_runner(ngram, args.new_tokens)}
-    total = {"plain": 0.0, "n-gram": 0.0}
-    same = 0
-    for prompt in prompts:
-        seconds, outputs = timed(runners, [prompt], args.rounds)
-        same += outputs["plain"] == outputs["n-gram"]
-        for name in total:
-            total[name] += seconds[name]
-    stats = ngram.spec_stats
-    tokens = len(prompts) * args.new_tokens
+    prompts = code_prompts(tokenizer, 4)
+    ngram = SpeculativeConfig(method="ngram", num_tokens=args.speculative_tokens)
     print(f"\nspeculative, code completion ({len(prompts)} stdlib prompts of {CODE_PROMPT_LEN} tokens, batch 1, "
-          f"eager, k={args.speculative_tokens}):")
-    print(f"  plain {tokens / total['plain']:.1f} tok/s, n-gram {tokens / total['n-gram']:.1f} tok/s: "
-          f"{total['plain'] / total['n-gram']:.2f}x; acceptance {stats.acceptance_rate:.1%}, "
-          f"{stats.mean_accepted:.2f} accepted drafts per verification; outputs equal {same}/{len(prompts)}")
+          f"n-gram drafts, k={args.speculative_tokens}):")
+    for compiled in ([False] if args.eager_only else [False, True]):
+        plain = Engine.load(path, compile=compiled)
+        drafting = Engine.load(path, compile=compiled, speculative=ngram)
+        for engine in (plain, drafting):
+            engine.warm_up()
+        runners = {"plain": engine_runner(plain, args.new_tokens), "n-gram": engine_runner(drafting, args.new_tokens)}
+        total = {"plain": 0.0, "n-gram": 0.0}
+        same = 0
+        for prompt in prompts:
+            seconds, outputs = timed(runners, [prompt], args.rounds)
+            same += outputs["plain"] == outputs["n-gram"]
+            for name in total:
+                total[name] += seconds[name]
+        stats = drafting.spec_stats
+        tokens = len(prompts) * args.new_tokens
+        print(f"  {'compiled' if compiled else 'eager':<8}: plain {tokens / total['plain']:6.1f} tok/s, n-gram "
+              f"{tokens / total['n-gram']:6.1f} tok/s: {total['plain'] / total['n-gram']:.2f}x; acceptance "
+              f"{stats.acceptance_rate:.1%}, {stats.mean_accepted:.2f} accepted drafts per verification; "
+              f"outputs equal {same}/{len(prompts)}")
     if "random init" in args.model_label:
         print("  (random weights: acceptance only reflects the model's own loops; pass --model for a trained one)")
 

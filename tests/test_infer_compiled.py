@@ -4,6 +4,7 @@ import pytest
 
 import foundry.infer.compiled as compiled_module
 from foundry.infer.engine import Engine
+from foundry.infer.speculative import SpeculativeConfig
 from foundry.model import Transformer
 from test_infer_scheduler import REQUESTS, _model, greedy, llama_config, mistral_config, prompt
 
@@ -19,7 +20,7 @@ def _caches(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_eager_tokens_for_every_batch_size():
+def test_compiled_decode_and_verification_give_the_eager_tokens_for_every_batch_size():
     model = _model(mistral_config)  # Llama's layers with a sliding window: a mask per layer type
     eager = Engine(model, prefill_chunk=8)
     compiled = Engine(model, prefill_chunk=8, compile=True)
@@ -33,6 +34,18 @@ def test_compiled_decode_gives_the_eager_tokens_for_every_batch_size():
     alone = prompt(9, 5)
     assert compiled.generate([alone], greedy(12))[0].token_ids == eager.generate([alone], greedy(12))[0].token_ids
     assert set(step.programs) == {"one", "many"}  # never one program per batch size or position
+
+    # Speculative verification (n-gram drafts) runs the span programs, with the plain greedy tokens.
+    speculating = Engine(model, compile=True, speculative=SpeculativeConfig(method="ngram", num_tokens=3))
+    speculating.warm_up()
+    assert set(speculating.compiled_step.programs) == {"one", "many", "span-one", "span-many"}
+    assert speculating.compiled_step.loaded_from_cache["one"]  # this model's decode programs, from the cache
+    looping = [prompt(11, 4) * 5, prompt(12, 3) * 6, prompt(13, 7)]  # repeats draw drafts; the last mostly not
+    params = [greedy(24), greedy(16), greedy(10)]
+    expected = [c.token_ids for c in eager.generate(looping, params)]
+    assert [c.token_ids for c in speculating.generate(looping, params)] == expected
+    assert [speculating.generate([p], q)[0].token_ids for p, q in zip(looping, params)] == expected  # batch 1
+    assert speculating.spec_stats.steps > 0 and speculating.spec_stats.accepted > 0
 
 
 @pytest.mark.slow

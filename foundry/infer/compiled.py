@@ -49,24 +49,31 @@ def compile_step(step: Callable[..., torch.Tensor], model: nn.Module, device: to
 
 
 class AheadOfTimeStep:
-    """The decode step as AOTInductor programs (batch 1, and 2..slots), built or loaded at first use."""
+    """The decode step as AOTInductor programs, built or loaded at first use: "one" (batch 1) and "many" (2..slots)
+    for one token a row; "span-one" / "span-many" for speculative verification's 2..MAX_SPAN tokens a row."""
 
     def __init__(self, model: nn.Module, eager: Callable[..., torch.Tensor]):
         self.model = model
         self.eager = eager
-        self.programs: dict[str, Any] = {}  # "one" / "many" -> the loaded program
+        self.programs: dict[str, Any] = {}  # kind -> the loaded program
         self.loaded_from_cache: dict[str, bool] = {}  # what the last build of each did (for tests and logs)
         self._weights_hash: str | None = None
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, pad_mask: torch.Tensor | None,
                  every: bool = False) -> torch.Tensor:
-        pool, rows, end = cache.pool, len(cache.rows), cache.end
-        if every or pad_mask is not None or not 2 <= end < pool.slot_len or rows > pool.num_slots:
+        kind = _kind(cache, every, pad_mask)
+        if kind is None:
             return self.eager(ids, positions, cache, pad_mask, every)
-        kind = "one" if rows == 1 else "many"
+        pool = cache.pool
         program = self.programs.get(kind) or self._program(kind, pool)
-        span = _span(end, pool.keys[0].device)
-        return program(ids, positions[:, 0], span, *pool.keys, *pool.values)
+        span = _span(cache.end, pool.keys[0].device)
+        return program(ids, positions if kind.startswith("span") else positions[:, 0], span, *pool.keys, *pool.values)
+
+    def prepare(self, kinds: list[str], pool: Any) -> None:
+        """Build (or load) these kinds of program now, for `pool`'s shape: those its slots can use."""
+        for kind in kinds:
+            if kind not in self.programs and (kind.endswith("one") or pool.num_slots > 1):
+                self._program(kind, pool)
 
     def _program(self, kind: str, pool: Any) -> Any:
         """Load this kind's program from the disk cache, compiling and storing it first if it is not there."""
@@ -112,27 +119,53 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class _Step(nn.Module):
-    """What is exported: the model's decode step over the pool's tensors, the length given by `span`'s."""
+MAX_SPAN = 16  # the most tokens a row may feed to a span program (speculation's k + 1)
 
-    def __init__(self, model: nn.Module):
+
+def _kind(cache: Any, every: bool, pad_mask: torch.Tensor | None) -> str | None:
+    """Which program serves this call of the step; None: the eager step (a shape outside every program's range)."""
+    pool = getattr(cache, "pool", None)
+    if pool is None or pad_mask is not None or not 2 <= cache.end < pool.slot_len:
+        return None
+    if not every:  # a DecodeView: one token a row, rows 0..n-1
+        return "one" if len(cache.rows) == 1 else "many"
+    # A SpanView of the pool's first rows (speculative verification), logits at every position.
+    width, slots = getattr(cache, "width", 0), getattr(cache, "slots", None)
+    if not 2 <= width <= MAX_SPAN or slots != list(range(len(slots or []))):
+        return None
+    return "span-one" if len(slots) == 1 else "span-many"
+
+
+class _Step(nn.Module):
+    """What is exported: the model's step over the pool's tensors, the length given by `span`'s.
+
+    One token a row (ids [n, 1], positions [n]: next-token logits [n, V]), or for a span T tokens a row (ids and
+    positions [n, T]: logits [n, T, V])."""
+
+    def __init__(self, model: nn.Module, every: bool):
         super().__init__()
         self.model = model
+        self.every = every
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
                 *kv: torch.Tensor) -> torch.Tensor:
         layers = len(kv) // 2
-        cache = _StepView(list(kv[:layers]), list(kv[layers:]), positions, span.shape[0])
-        hidden = self.model.hidden_states(ids, positions[:, None], cache, None)
-        return self.model.logits(hidden[:, -1]).float()
+        per_token = positions if self.every else positions[:, None]
+        cache = _StepView(list(kv[:layers]), list(kv[layers:]), per_token, span.shape[0])
+        hidden = self.model.hidden_states(ids, per_token, cache, None)
+        return self.model.logits(hidden if self.every else hidden[:, -1]).float()
 
 
 class _StepView:
-    """The KVCache interface over tensors only (kv_pool.DecodeView's general path): row r writes at positions[r]."""
+    """The KVCache interface over tensors only: the token of row r at column t writes at positions[r, t].
+
+    A span's padding (kv_pool.SpanView repeats a row's last token at its last position) writes that same token's
+    key and value again at the same place: the same numbers, so it needs no mask of its own."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, end: Any):
         self.keys, self.values, self.positions, self.end = keys, values, positions, end
-        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        n, t = positions.shape
+        self.rows = torch.arange(n, device=positions.device)[:, None].expand(n, t).reshape(-1)
         self.length = 0  # unused: positions are given
 
     def reserve(self, new_tokens: int, pad_mask: torch.Tensor | None) -> None:
@@ -143,35 +176,41 @@ class _StepView:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer], self.values[layer]
-        keys[self.rows, :, self.positions] = k[:, :, 0]
-        values[self.rows, :, self.positions] = v[:, :, 0]
-        n = self.positions.shape[0]
+        n, heads, t, dim = k.shape
+        flat = self.positions.reshape(-1)
+        keys[self.rows, :, flat] = k.transpose(1, 2).reshape(n * t, heads, dim)
+        values[self.rows, :, flat] = v.transpose(1, 2).reshape(n * t, heads, dim)
         return keys[:n, :, :self.end], values[:n, :, :self.end]
 
     def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor:
-        key = torch.arange(self.end, device=self.positions.device)[None]
-        query = self.positions[:, None]
+        """[n, 1, T, end]: each token sees the keys up to its own position (the newest `window` of them)."""
+        key = torch.arange(self.end, device=self.positions.device)[None, None]
+        query = self.positions[:, :, None]
         allowed = key <= query
         if window is not None:
             allowed &= key > query - window
-        return allowed[:, None, None]
+        return allowed[:, None]
 
 
 def _export(model: nn.Module, kind: str, pool: Any) -> Any:
-    """The decode step exported for `kind` ("one": batch 1; "many": 2..slots) and every length 2..slot_len-1."""
+    """The step exported for `kind` (see AheadOfTimeStep) and every length 2..slot_len-1."""
     device = pool.keys[0].device
-    rows = 1 if kind == "one" else 2
-    ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-    positions = torch.zeros(rows, dtype=torch.long, device=device)
+    every = kind.startswith("span")
+    rows = 1 if kind.endswith("one") else 2
+    width = 2 if every else 1
+    ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    positions = torch.zeros(rows, width, dtype=torch.long, device=device) if every else ids[:, 0]
     length = torch.export.Dim("length", min=2, max=pool.slot_len - 1)
     kv = tuple(pool.keys + pool.values)
-    if kind == "one" or pool.num_slots == 2:  # a batch dimension needs a range: 2 slots leave only batch 2
-        shapes: tuple = (None, None, {0: length}, tuple(None for _ in kv))
-    else:
-        batch = torch.export.Dim("batch", min=2, max=pool.num_slots)
-        shapes = ({0: batch}, {0: batch}, {0: length}, tuple(None for _ in kv))
+    # A batch dimension needs a range: batch 1 is its own program, and 2 slots leave only batch 2.
+    batch = torch.export.Dim("batch", min=2, max=pool.num_slots) if rows == 2 and pool.num_slots > 2 else None
+    row_dims = {} if batch is None else {0: batch}
+    if every:
+        tokens = torch.export.Dim("tokens", min=2, max=MAX_SPAN)
+        row_dims = {**row_dims, 1: tokens}
+    shapes = (row_dims or None, row_dims or None, {0: length}, tuple(None for _ in kv))
     with torch.no_grad():
-        return torch.export.export(_Step(model).eval(), (ids, positions, _span(2, device), *kv),
+        return torch.export.export(_Step(model, every).eval(), (ids, positions, _span(2, device), *kv),
                                    dynamic_shapes=shapes)
 
 

@@ -186,6 +186,8 @@ class Engine:
         try:
             self.generate([[0]], greedy)  # batch 1
             self.generate([[1], [2]], greedy)  # every larger batch
+            if self.speculative is not None and self.compiled_step is not None:
+                self.compiled_step.prepare(["span-one", "span-many"], self.scheduler.pool)  # verification's
         finally:
             self.stop_ids = stop_ids
             self._scheduler = None

@@ -124,12 +124,17 @@ class DecodeView:
         None (attend to every key) for one row without a window: all its `end` positions are its own."""
         if window is None and len(self.rows) == 1:
             return None
-        key = torch.arange(self.end, device=self.pool.device)[None]
-        query = self.positions[:, None]
-        allowed = key <= query
-        if window is not None:
-            allowed &= key > query - window
-        return allowed[:, None, None]
+        return decode_mask(self.positions, self.end, window)
+
+
+def decode_mask(positions: torch.Tensor, end: int, window: int | None = None) -> torch.Tensor:
+    """[n, 1, 1, end]: row r (writing at positions[r]) sees keys 0..positions[r], the newest `window` of them."""
+    key = torch.arange(end, device=positions.device)[None]
+    query = positions[:, None]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    return allowed[:, None, None]
 
 
 class PrefillView:

@@ -268,7 +268,7 @@ class Speculator:
         feeds = [[r.next_token] + d for r, d in zip(rows, drafted)]
         view = pool.span_view(list(range(len(rows))), [len(f) for f in feeds])
         ids = torch.tensor([_padded(f, view.width) for f in feeds], device=engine.device)
-        logits = engine._logits(ids, view.positions, view, None, every=True)
+        logits = engine._decode(ids, view.positions, view, None, every=True)  # compiled when the engine is
         out: list[torch.Tensor | Verified] = []
         verified = drafted_total = accepted_total = 0
         for j, (request, d) in enumerate(zip(rows, drafted)):
