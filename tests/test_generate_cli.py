@@ -221,3 +221,11 @@ def test_generate_quantised_on_the_fly_with_ngram_speculation_gives_the_quantise
     expected = Engine.load(model_dir, quantize="int4", group_size=32).generate(
         ["def load("], SamplingParams(temperature=0, max_new_tokens=12))[0]
     assert _records(capsys.readouterr().out)[0]["text"] == expected.text
+
+
+def test_generate_with_a_draft_model_gives_the_plain_greedy_text(model_dir, capsys):
+    # The model drafts for itself: every draft is accepted, and the text is still the plain greedy one.
+    assert main(["generate", str(model_dir), "--prompt", "def load(", "--draft", str(model_dir), "--json",
+                 *SAMPLING]) == 0
+    expected = Engine.load(model_dir).generate(["def load("], SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert _records(capsys.readouterr().out)[0]["text"] == expected.text
