@@ -1,7 +1,7 @@
 """Decode speed: foundry's engine (fp32, bf16, int8, int4, speculative) vs transformers and llama.cpp, one process.
 
     python benchmarks/decode.py [--model DIR] [--rounds 3] [--new-tokens 128] [--batches 1 16] [--threads 2]
-                                [--eager-only] [--llama-cpp [--install-llama-cpp]] [--no-memory]
+                                [--eager-only] [--llama-cpp [--install-llama-cpp]] [--no-memory] [--no-speculative]
 
 Without --model: the ENVIRONMENT.md model (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV heads, MLP 1024;
 random init, with a BPE trained on the stdlib in a second or two), saved once. With --model: that directory or
@@ -120,7 +120,7 @@ def foundry_engines(path: Path, args: argparse.Namespace) -> dict[str, Engine]:
                         compile=True, prepack=True)
         start = time.perf_counter()
         engine.warm_up()
-        print(f"  compiled {name}: warm-up (compile) {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"  compiled {name}: warm-up {time.perf_counter() - start:.1f} s (a compile, or the disk cache)", flush=True)
         engines[f"foundry compiled {name}"] = engine
     return engines
 
@@ -290,6 +290,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32 and q8_0 (batch 1)")
     parser.add_argument("--install-llama-cpp", action="store_true", help=f"pip install {LLAMA_CPP} first")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument("--no-speculative", action="store_true", help="skip the speculative table")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -312,7 +313,8 @@ def main() -> None:
         if args.llama_cpp or args.install_llama_cpp:
             runners.update(llama_cpp_runners(path, tmp, args))
         speed_table(runners, args, config.vocab_size)
-        speculative_table(path, args)
+        if not args.no_speculative:
+            speculative_table(path, args)
         if not args.no_memory:
             memory_table(path, tmp)
 

@@ -1,8 +1,11 @@
 """The compiled decode step (Engine(compile=True)): the eager tokens, from two programs cached on disk."""
 
 import pytest
+import torch
+import torch._inductor
 
 import foundry.infer.compiled as compiled_module
+from foundry.core.errors import UserError
 from foundry.infer.engine import Engine
 from foundry.infer.speculative import SpeculativeConfig
 from foundry.model import Transformer
@@ -49,13 +52,16 @@ def test_compiled_decode_and_verification_give_the_eager_tokens_for_every_batch_
 
 
 @pytest.mark.slow
-def test_a_new_engine_loads_the_programs_from_disk_and_other_weights_get_their_own():
+def test_a_new_engine_loads_the_programs_from_disk_other_weights_get_their_own_and_broken_ones_are_rebuilt():
     first, second = _model(llama_config), Transformer(llama_config())
     second.init_weights(seed=1)
     alone = prompt(9, 5)
     built = Engine(first, compile=True)
+    broken = compiled_module.cache_dir() / f"{built.compiled_step._key('one', built.scheduler.pool)}.pt2"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"truncated")  # an entry that does not load is built anew
     expected = built.generate([alone], greedy(12))[0].token_ids
-    assert built.compiled_step.loaded_from_cache == {"one": False}
+    assert built.compiled_step.loaded_from_cache == {"one": False} and broken.stat().st_size > 100
     again = Engine(_model(llama_config), compile=True)  # the same weights: a later process's engine
     assert again.generate([alone], greedy(12))[0].token_ids == expected
     assert again.compiled_step.loaded_from_cache == {"one": True}
@@ -76,3 +82,15 @@ def test_rows_outside_the_programs_range_take_the_eager_step(monkeypatch):
     plain = Engine(model).generate([ids], greedy(2))[0]
     got = engine.generate([ids], greedy(2))[0]
     assert got.token_ids == plain.token_ids and got.finish_reason == plain.finish_reason
+
+
+def test_an_unwritable_cache_is_one_clear_message(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv(compiled_module.CACHE_ENV, str(blocked))
+    engine = Engine(_model(llama_config), compile=True)
+    monkeypatch.setattr(compiled_module, "_export", lambda *a: None)  # the cache fails before any compile
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: None)
+    with pytest.raises(UserError, match="cannot write the compiled decode step .* set FOUNDRY_CACHE_DIR"):
+        engine.generate([prompt(9, 5)], greedy(3))
+

@@ -16,6 +16,7 @@ Freezing reads the weights once: the model must not change after the first step 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from foundry.core.errors import UserError
 from foundry.core.version import __version__
 
 # Inductor settings for the CPU programs.
@@ -80,18 +82,28 @@ class AheadOfTimeStep:
         from torch._inductor import aoti_compile_and_package, aoti_load_package
 
         path = cache_dir() / f"{self._key(kind, pool)}.pt2"
-        self.loaded_from_cache[kind] = path.exists()
-        if not path.exists():
-            exported = _export(self.model, kind, pool)
-            import torch._inductor.select_algorithm as select_algorithm
-
-            select_algorithm.PRINT_AUTOTUNE = False  # its per-GEMM timing tables would land on the user's stderr
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        if path.exists():
             try:
-                aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=dict(CPU_OPTIONS))
-                os.replace(tmp, path)  # whole or not at all: another process may be reading the cache
-            finally:
+                self.programs[kind] = aoti_load_package(str(path))
+                self.loaded_from_cache[kind] = True
+                return self.programs[kind]
+            except Exception:  # noqa: BLE001 - a cache entry that does not load (another build of torch...)
+                path.unlink(missing_ok=True)  # is rebuilt below
+        self.loaded_from_cache[kind] = False
+        exported = _export(self.model, kind, pool)
+        import torch._inductor.select_algorithm as select_algorithm
+
+        select_algorithm.PRINT_AUTOTUNE = False  # its per-GEMM timing tables would land on the user's stderr
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=dict(CPU_OPTIONS))
+            os.replace(tmp, path)  # whole or not at all: another process may be reading the cache
+        except OSError as exc:
+            raise UserError(f"cannot write the compiled decode step to {path.parent} ({exc.strerror or exc}): set "
+                            f"{CACHE_ENV} to a writable directory, or run eagerly (--eager)") from None
+        finally:
+            with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         self.programs[kind] = aoti_load_package(str(path))
         return self.programs[kind]
