@@ -30,6 +30,7 @@ from torch import nn
 
 from foundry.core.errors import UserError
 from foundry.core.version import __version__
+from foundry.infer.kv_pool import position_mask
 
 # Inductor settings for the CPU programs.
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
@@ -195,13 +196,7 @@ class _StepView:
         return keys[:n, :, :self.end], values[:n, :, :self.end]
 
     def attention_mask(self, new_tokens: int, window: int | None = None) -> torch.Tensor:
-        """[n, 1, T, end]: each token sees the keys up to its own position (the newest `window` of them)."""
-        key = torch.arange(self.end, device=self.positions.device)[None, None]
-        query = self.positions[:, :, None]
-        allowed = key <= query
-        if window is not None:
-            allowed &= key > query - window
-        return allowed[:, None]
+        return position_mask(self.positions, self.end, window)
 
 
 def _export(model: nn.Module, kind: str, pool: Any) -> Any:

@@ -11,6 +11,7 @@ as a view, never a gather."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -124,17 +125,17 @@ class DecodeView:
         None (attend to every key) for one row without a window: all its `end` positions are its own."""
         if window is None and len(self.rows) == 1:
             return None
-        return decode_mask(self.positions, self.end, window)
+        return position_mask(self.positions[:, None], self.end, window)
 
 
-def decode_mask(positions: torch.Tensor, end: int, window: int | None = None) -> torch.Tensor:
-    """[n, 1, 1, end]: row r (writing at positions[r]) sees keys 0..positions[r], the newest `window` of them."""
-    key = torch.arange(end, device=positions.device)[None]
-    query = positions[:, None]
+def position_mask(positions: torch.Tensor, end: Any, window: int | None = None) -> torch.Tensor:
+    """[n, 1, T, end] for tokens at positions [n, T]: each sees keys 0..its own position (the newest `window`)."""
+    key = torch.arange(end, device=positions.device)[None, None]
+    query = positions[:, :, None]
     allowed = key <= query
     if window is not None:
         allowed &= key > query - window
-    return allowed[:, None, None]
+    return allowed[:, None]
 
 
 class PrefillView:
@@ -237,12 +238,7 @@ class SpanView:
         None (attend to every key) for one row taking one token without a window, as in DecodeView."""
         if window is None and self.width == 1 and len(self.slots) == 1:
             return None
-        key = torch.arange(self.end, device=self.pool.device)[None, None]
-        query = self.positions[:, :, None]
-        allowed = key <= query
-        if window is not None:
-            allowed &= key > query - window
-        return allowed[:, None]
+        return position_mask(self.positions, self.end, window)
 
 
 class PrefixCache:
