@@ -196,7 +196,8 @@ def test_serving_compiles_the_decode_step_unless_eager_and_generating_only_when_
     from foundry.cli.main import build_parser
 
     parse = build_parser().parse_args
-    assert parse(["serve", "m"]).compile is True and parse(["serve", "m", "--eager"]).compile is False
+    assert parse(["serve", "m"]).compile is None  # auto: compiled on a CPU (build_engine), eager on a GPU
+    assert parse(["serve", "m", "--eager"]).compile is False and parse(["serve", "m", "--compile"]).compile is True
     assert parse(["generate", "m"]).compile is False and parse(["generate", "m", "--compile"]).compile is True
     args = parse(["chat", "m", "--quantize", "int4", "--group-size", "32", "--speculative", "ngram"])
     assert engine_flags.engine_options(args) == {
@@ -229,3 +230,12 @@ def test_generate_with_a_draft_model_gives_the_plain_greedy_text(model_dir, caps
                  *SAMPLING]) == 0
     expected = Engine.load(model_dir).generate(["def load("], SamplingParams(temperature=0, max_new_tokens=12))[0]
     assert _records(capsys.readouterr().out)[0]["text"] == expected.text
+
+
+def test_serve_s_automatic_compile_is_on_for_a_cpu(model_dir, monkeypatch):
+    from foundry.cli.engine_flags import build_engine
+    from foundry.infer.engine import Engine as EngineClass
+
+    monkeypatch.setattr(EngineClass, "warm_up", lambda self: None)  # the compile itself is test_infer_compiled's
+    assert build_engine(str(model_dir), device="cpu", compile=None).compiled_step is not None
+    assert build_engine(str(model_dir), device="cpu", compile=False).compiled_step is None

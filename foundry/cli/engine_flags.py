@@ -38,13 +38,14 @@ def add_engine_flags(p: argparse.ArgumentParser, compiled_by_default: bool) -> N
     if compiled_by_default:
         p.add_argument("--eager", dest="compile", action="store_false",
                        help="run the decode step eagerly: no compile before the first token (tens of seconds the "
-                            "first time on two cores, cached on disk after), slower tokens from then on")
-        p.add_argument("--compile", dest="compile", action="store_true", help=argparse.SUPPRESS)  # the default
+                            "first time on two cores, cached on disk after), slower tokens from then on. The "
+                            "compiled step is the default on CPUs, where it is measured; --compile asks for it on a GPU")
+        p.add_argument("--compile", dest="compile", action="store_true", help=argparse.SUPPRESS)
     else:
         p.add_argument("--compile", action="store_true",
                        help="compile the decode step: faster tokens after a compile of tens of seconds the first "
                             "time on two cores (cached on disk after); pays for long sessions")
-    p.set_defaults(compile=compiled_by_default)
+    p.set_defaults(compile=None if compiled_by_default else False)  # None: compiled on a CPU (build_engine)
     p.add_argument("--speculative", default=None, choices=SPECULATIVE_CHOICES,
                    help="speculative decoding of greedy requests (the same tokens, fewer model steps): ngram "
                         "drafts from the text so far (prompt lookup; strong on code and edits), draft asks --draft")
@@ -87,17 +88,19 @@ def speculative_config(method: str | None, draft: str | None, tokens: int) -> An
     return SpeculativeConfig(method=method or "draft", num_tokens=tokens)
 
 
-def build_engine(model: str, device: str = "auto", compile: bool = False, dtype: str = "auto",
+def build_engine(model: str, device: str = "auto", compile: bool | None = False, dtype: str = "auto",
                  err: TextIO | None = None, kv_cache_memory: str | int | None = None,
                  max_batch_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
                  speculative: str | None = None, draft: str | None = None, speculative_tokens: int = 4) -> "Engine":
-    """The engine for a model (directory, run directory, Hub id) as the flags ask; compiles it now if asked."""
+    """The engine for a model (directory, run directory, Hub id) as the flags ask; compiles it now if asked
+    (compile None: on a CPU, where the compiled step is measured, not on a GPU)."""
     from foundry import hub
     from foundry.hub.weights import parse_size
     from foundry.infer.device import resolve_device
     from foundry.infer.engine import Engine
 
     where = resolve_device(device)
+    compile = where.type == "cpu" if compile is None else compile
     model_dir = hub.resolve_model_dir(model)  # a run directory's newest checkpoint, a Hub download
     run_dtype = resolve_run_dtype(model_dir, dtype, where, err)
     extra: dict = {}
