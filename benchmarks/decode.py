@@ -45,6 +45,7 @@ from foundry.infer.engine import Engine
 from foundry.infer.sampling import SamplingParams
 from foundry.infer.speculative import SpeculativeConfig
 from foundry.model import Transformer
+from foundry.model.quantized import memory_bytes
 from foundry.model.weight_only import quantize_model
 
 CONFIG = ModelConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
@@ -200,22 +201,13 @@ def speculative_table(path: Path, args: argparse.Namespace) -> None:
         print("  (random weights: acceptance only reflects the model's own loops; pass --model for a trained one)")
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.nbytes
-    return total
-
-
 def memory_probe(path: str) -> None:
     """(In a fresh process) load a model directory, decode 16 tokens; print its weight bytes and the process's
     peak resident memory, as JSON."""
     loaded = hub.load(path)
     engine = Engine(loaded.model, loaded.tokenizer, kv_cache_memory=16 * 2**20)  # a small KV pool: the weights show
     engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=16))
-    print(json.dumps({"weights": weight_bytes(loaded.model), "peak": peak_resident_bytes()}))
+    print(json.dumps({"weights": memory_bytes(loaded.model), "peak": peak_resident_bytes()}))
 
 
 def peak_resident_bytes() -> int:

@@ -75,6 +75,12 @@ def resolve_run_dtype(model_dir: Any, dtype: str, where: Any, err: TextIO | None
     return run_dtype
 
 
+def check_quantize_flags(quantize: str | None, group_size: int | None) -> None:
+    """UserError for a --group-size without --quantize int4 (said before any model is loaded)."""
+    if group_size is not None and quantize != "int4":
+        raise UserError("--group-size is for --quantize int4 (int8 has one scale per output channel)")
+
+
 def speculative_config(method: str | None, draft: str | None, tokens: int) -> Any:
     """The engine's SpeculativeConfig for the flags (None: no speculation)."""
     if draft is not None and method not in (None, "draft"):
@@ -113,8 +119,7 @@ def build_engine(model: str, device: str = "auto", compile: bool | None = False,
         if max_batch_size < 1:
             raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
         extra["max_batch_size"] = max_batch_size
-    if group_size is not None and quantize != "int4":
-        raise UserError("--group-size is for --quantize int4 (int8 has one scale per output channel)")
+    check_quantize_flags(quantize, group_size)
     spec = speculative_config(speculative, draft, speculative_tokens)
     engine = Engine.load(model_dir, device=where, dtype=run_dtype, compile=compile, quantize=quantize,
                          group_size=group_size, speculative=spec,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from foundry.cli.engine_flags import add_device_flags, resolve_run_dtype
+from foundry.cli.engine_flags import add_device_flags, check_quantize_flags, resolve_run_dtype
 from foundry.cli.parsing import add_verb
 from foundry.core.errors import UserError
 
@@ -38,8 +38,7 @@ class ModelUnderTest:
         self.dir = hub.resolve_model_dir(spec)
         self.device = resolve_device(device)
         self.dtype = resolve_run_dtype(self.dir, dtype, self.device, err)
-        if group_size is not None and quantize != "int4":
-            raise UserError("--group-size is for --quantize int4 (int8 has one scale per output channel)")
+        check_quantize_flags(quantize, group_size)
         self.quantize, self.group_size = quantize, group_size  # weight-only, applied on loading
         self._loaded: LoadedModel | None = None
         self._engine: Engine | None = None

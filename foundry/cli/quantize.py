@@ -1,5 +1,5 @@
 """`foundry quantize MODEL --scheme int8|int4 --out DIR`: a weight-only quantised model directory in
-compressed-tensors' layout, which foundry, transformers and vLLM load."""
+compressed-tensors' layout, which foundry and transformers load."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     save_loaded(out, loaded, meta)
     grouping = f"groups of {group_size}" if group_size else "one scale per output channel"
     print(f"wrote {out}: {swapped} linears as {scheme} ({grouping}); weights {before / 1e6:.1f} MB -> "
-          f"{memory_bytes(loaded.model) / 1e6:.1f} MB in memory (loads in foundry, transformers and vLLM)")
+          f"{memory_bytes(loaded.model) / 1e6:.1f} MB in memory (loads in foundry and transformers)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                  "(and the output head unless it shares the embeddings) is quantised; embeddings and norms keep "
                  "their dtype. The directory is in compressed-tensors' pack-quantized layout (llm-compressor's "
                  "W8A16 / W4A16): foundry generate/serve/eval run it with int8/int4 CPU kernels, and "
-                 "transformers and vLLM load it as it is.")
+                 "transformers (with compressed-tensors) loads it as it is.")
     p.add_argument("model", help="model directory, run directory or Hugging Face Hub id (org/name[@revision])")
     p.add_argument("--scheme", required=True, metavar="int8|int4",
                    help="int8: 8-bit weights, one scale per output channel; int4: 4-bit weights, one scale per "

@@ -68,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long running requests may take to finish before they are stopped")
-    # Serving is a long session: the compiled decode step is on unless --eager (/health answers 503 while it
-    # compiles: tens of seconds the first time on two cores, then cached; benchmarks/decode.py measures it).
+    # Serving is a long session: on a CPU the compiled decode step is on unless --eager (/health answers 503
+    # while it compiles: tens of seconds the first time on two cores, then cached; benchmarks/decode.py).
     add_engine_flags(p, compiled_by_default=True)
 
 

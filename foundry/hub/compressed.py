@@ -1,5 +1,5 @@
 """Weight-only quantised model directories in compressed-tensors' `pack-quantized` layout (llm-compressor's W8A16 /
-W4A16, which vLLM and transformers load): config.json's `quantization_config`, and per quantised linear
+W4A16, which transformers loads: tests/test_quantize.py): config.json's `quantization_config`, and per quantised linear
 `<name>.weight_packed` (int32), `<name>.weight_scale` and `<name>.weight_shape`, under the family's HF names.
 
 Reading builds the model with foundry.model.weight_only's linears, so the weights stay integers in memory.

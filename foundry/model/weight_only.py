@@ -5,8 +5,8 @@ On CPU they run torch's own weight-only kernels (`_weight_int8pack_mm`, `_weight
 the integer weights directly and also run under torch.compile; on other devices, or shapes those kernels refuse,
 each forward dequantises and calls F.linear. Everything is a buffer: nothing here trains.
 
-A module's state dict is compressed-tensors' `pack-quantized` layout (what llm-compressor writes for W8A16/W4A16 and
-vLLM and transformers load): `weight_packed` (int32, 32/bits values per word along in_features, each offset by
+A module's state dict is compressed-tensors' `pack-quantized` layout (what llm-compressor writes for W8A16/W4A16;
+transformers loads it, tests/test_quantize.py): `weight_packed` (int32, 32/bits values per word along in_features, each offset by
 2^(bits-1)) and `weight_scale` ([out, 1] or [out, in/group], the model's dtype), plus `bias` when there is one.
 """
 
