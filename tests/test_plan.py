@@ -71,7 +71,8 @@ def test_time_and_cost_follow_from_flops_mfu_and_price():
 
 
 def test_moe_counts_active_parameters_for_flops_and_all_for_memory():
-    moe = preset("mini").replace(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256)
+    moe = preset("mini").replace(architecture="MixtralForCausalLM", model_type="mixtral", tie_word_embeddings=False,
+                                 num_experts=8, num_experts_per_tok=2)
     result = plan(model=moe, tokens="1B", precision="fp32")
     active, total = moe.num_params(active_only=True), moe.num_params()
     assert active < total

@@ -28,6 +28,11 @@ _SWITCHES: dict[str, Any] = {
     "position_embedding": "rope", "scale_embeddings": False, "partial_rotary_factor": 1.0, "sliding_window": None,
     "layer_types": None, "sliding_rope_theta": None, "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
     "final_logit_softcapping": None,
+    # Mixture of experts and latent attention: only the families below can say them.
+    "num_experts": 0, "shared_expert_intermediate_size": 0, "shared_expert_gate": False, "router_scoring": "softmax",
+    "norm_topk_prob": True, "router_correction_bias": False, "router_groups": 1, "router_topk_groups": 1,
+    "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "decoder_sparse_step": 1, "mlp_only_layers": None,
+    "kv_lora_rank": 0, "q_lora_rank": None, "rope_interleave": False,
 }
 
 Hook = Callable[[dict[str, Any], dict[str, Any]], None]
@@ -170,14 +175,61 @@ def _write_gpt2(config: "ModelConfig", out: dict[str, Any]) -> None:
         out["n_inner"] = None  # GPT-2's own spelling of the default
 
 
+def _read_qwen_moe(raw: dict[str, Any], kw: dict[str, Any]) -> None:
+    _read_qwen(raw, kw)
+    if "num_local_experts" in raw:  # transformers 5's spelling; the Hub's files say num_experts
+        raw["num_experts"] = raw.pop("num_local_experts")
+    kw["mlp_only_layers"] = list(raw.pop("mlp_only_layers") or []) or None
+
+
+def _write_qwen_moe(config: "ModelConfig", out: dict[str, Any]) -> None:
+    _write_qwen(config, out)
+    out["mlp_only_layers"] = list(config.mlp_only_layers or [])
+
+
+def _read_qwen2_moe(raw: dict[str, Any], kw: dict[str, Any]) -> None:
+    _read_qwen_moe(raw, kw)
+    kw["attention_bias"] = raw.pop("qkv_bias", True)  # transformers 5 names the q/k/v bias switch
+
+
+def _write_qwen2_moe(config: "ModelConfig", out: dict[str, Any]) -> None:
+    _write_qwen_moe(config, out)
+    if not config.attention_bias:
+        out["qkv_bias"] = False  # written only when off: transformers 4 has no such key and always biases
+
+
+def _read_deepseek(raw: dict[str, Any], kw: dict[str, Any]) -> None:
+    for key, allowed in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if raw.pop(key, allowed) != allowed:
+            raise UserError(f"config.json: DeepSeek-V3 with {key}={raw.get(key)!r} is not supported "
+                            f"(only {allowed!r})")
+    kw["shared_expert_intermediate_size"] = raw.pop("n_shared_experts") * raw["moe_intermediate_size"]
+    raw.pop("qk_head_dim", None)  # derived: qk_nope_head_dim + qk_rope_head_dim
+    raw.pop("head_dim", None)  # transformers 5 writes it as qk_rope_head_dim, which is what we read
+
+
+def _write_deepseek(config: "ModelConfig", out: dict[str, Any]) -> None:
+    if config.shared_expert_intermediate_size % config.expert_size:
+        raise UserError("model config: DeepseekV3ForCausalLM's shared experts are a whole number of routed "
+                        "experts wide (n_shared_experts)")
+    out["n_shared_experts"] = config.shared_expert_intermediate_size // config.expert_size
+    out["head_dim"] = config.head_dim  # transformers 5 sets it to qk_rope_head_dim
+
+
+_QWEN_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_sliding_window": False,
+                  "sliding_window": 4096}
+_MOE_KEYS = {"num_experts_per_tok": "num_experts_per_tok", "moe_intermediate_size": "moe_intermediate_size",
+             "norm_topk_prob": "norm_topk_prob", "router_aux_loss_coef": "router_aux_loss_coef"}
+_QWEN_MOE_KEYS = {**_MOE_KEYS, "num_experts": "num_experts", "decoder_sparse_step": "decoder_sparse_step"}
+_QWEN_MOE_DEFAULTS = {**_QWEN_DEFAULTS, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False,
+                      "router_aux_loss_coef": 0.001, "num_experts_per_tok": 4, "num_experts": 60}
+
 _GEMMA_SWITCHES = {"norm_placement": "sandwich", "norm_unit_offset": True, "scale_embeddings": True,
                    "mlp_bias": False}
 _GEMMA_FEATURES = frozenset({"sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
                              "final_logit_softcapping"})
 _GEMMA_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
                    "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096, "attention_bias": False}
-_QWEN_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_sliding_window": False,
-                  "sliding_window": 4096}
 
 FAMILIES: tuple[Family, ...] = (
     Family("Llama", ("LlamaForCausalLM",), "llama", _keys(),
@@ -192,6 +244,40 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3", ("Qwen3ForCausalLM",), "qwen3", _keys("mlp_bias"), fixed={"qk_norm": "head"},
            features=frozenset({"sliding_window", "layer_types"}), read=_read_qwen, write=_write_qwen,
            defaults={**_QWEN_DEFAULTS, "attention_bias": False}),
+    Family("Mixtral", ("MixtralForCausalLM",), "mixtral",
+           {**_keys("attention_bias", "mlp_bias"), "num_local_experts": "num_experts",
+            "num_experts_per_tok": "num_experts_per_tok", "router_aux_loss_coef": "router_aux_loss_coef"},
+           features=frozenset({"sliding_window"}), read=_read_phi3, write=_write_mistral,
+           defaults={"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": None,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001}),
+    Family("Qwen2-MoE / Qwen1.5-MoE", ("Qwen2MoeForCausalLM",), "qwen2_moe",
+           {**_keys("attention_bias", "mlp_bias", "head_dim"), **_QWEN_MOE_KEYS,
+            "shared_expert_intermediate_size": "shared_expert_intermediate_size"},
+           fixed={"attention_out_bias": False, "shared_expert_gate": True},
+           features=frozenset({"sliding_window", "layer_types", "attention_bias", "mlp_only_layers"}),
+           read=_read_qwen2_moe, write=_write_qwen2_moe,
+           defaults={**_QWEN_MOE_DEFAULTS, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}),
+    Family("Qwen3-MoE", ("Qwen3MoeForCausalLM",), "qwen3_moe", {**_keys("mlp_bias"), **_QWEN_MOE_KEYS},
+           fixed={"qk_norm": "head"}, features=frozenset({"sliding_window", "layer_types", "mlp_only_layers"}),
+           read=_read_qwen_moe, write=_write_qwen_moe,
+           defaults={**_QWEN_MOE_DEFAULTS, "attention_bias": False, "num_experts_per_tok": 8, "num_experts": 128,
+                     "moe_intermediate_size": 768}),
+    Family("DeepSeek-V3", ("DeepseekV3ForCausalLM",), "deepseek_v3",
+           {**_keys("mlp_bias", "head_dim", "num_key_value_heads"), **_MOE_KEYS,
+            "n_routed_experts": "num_experts", "routed_scaling_factor": "routed_scaling_factor",
+            "n_group": "router_groups", "topk_group": "router_topk_groups",
+            "first_k_dense_replace": "first_k_dense_replace", "kv_lora_rank": "kv_lora_rank",
+            "q_lora_rank": "q_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "head_dim",
+            "v_head_dim": "v_head_dim", "rope_interleave": "rope_interleave", "num_key_value_heads":
+                "num_key_value_heads"},
+           fixed={"router_scoring": "sigmoid", "router_correction_bias": True},
+           features=frozenset({"shared_expert_intermediate_size"}), read=_read_deepseek, write=_write_deepseek,
+           defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                     "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
+                     "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+                     "first_k_dense_replace": 3, "norm_topk_prob": True, "kv_lora_rank": 512, "q_lora_rank": 1536,
+                     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True,
+                     "router_aux_loss_coef": 0.0}),
     Family("Phi-3", ("Phi3ForCausalLM",), "phi3", _keys("attention_bias", "mlp_bias", "head_dim"),
            features=frozenset({"sliding_window", "partial_rotary_factor"}), read=_read_phi3, write=_write_phi3,
            rope_aliases={"su": "longrope", "yarn": "longrope"},
@@ -254,11 +340,6 @@ def from_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
         kwargs["head_dim"] = raw.pop("head_dim")  # families whose config class reads it without declaring it
     if kwargs.get("num_key_value_heads") is None:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)
-    if "num_local_experts" in raw:
-        kwargs["num_experts"] = raw.pop("num_local_experts")
-        for name in ("num_experts_per_tok", "moe_intermediate_size"):
-            if name in raw:
-                kwargs[name] = raw.pop(name)
     for key in ("dtype", "torch_dtype"):  # describes the weight files; written again on save
         raw.pop(key, None)
     kwargs["extra"] = raw
@@ -282,9 +363,6 @@ def to_hf_dict(config: "ModelConfig") -> dict[str, Any]:
         if config.partial_rotary_factor != 1.0:
             out["partial_rotary_factor"] = config.partial_rotary_factor
     family.write(config, out)
-    if config.num_experts:
-        out.update(num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                   moe_intermediate_size=config.moe_intermediate_size)
     return out
 
 
