@@ -90,17 +90,27 @@ class Layout:
             yield _fill(hf_module, index) + param, tensor
 
 
-def _parse(name: str) -> tuple[str, str | None, str]:
-    # "model.layers.3.mlp.up_proj.weight" -> ("model.layers.{i}.mlp.up_proj", "3", ".weight")
+_INDEX_NAMES = ("{i}", "{j}")  # a layer index, then an expert index
+
+
+def _parse(name: str) -> tuple[str, tuple[str, ...], str]:
+    # "model.layers.3.mlp.experts.5.up_proj.weight" -> ("model.layers.{i}.mlp.experts.{j}.up_proj", ("3", "5"),
+    # ".weight")
     module, _, param = name.rpartition(".")
-    match = re.search(r"\.(\d+)(?=\.|$)", module)
-    if match is None:
-        return module, None, "." + param
-    return module[:match.start()] + ".{i}" + module[match.end():], match.group(1), "." + param
+    indices: list[str] = []
+
+    def placeholder(match: re.Match) -> str:
+        indices.append(match.group(1))
+        return "." + (_INDEX_NAMES[len(indices) - 1] if len(indices) <= len(_INDEX_NAMES) else match.group(1))
+
+    template = re.sub(r"\.(\d+)(?=\.|$)", placeholder, module)
+    return template, tuple(indices[:len(_INDEX_NAMES)]), "." + param
 
 
-def _fill(template: str, index: str | None) -> str:
-    return template if index is None else template.replace("{i}", index)
+def _fill(template: str, indices: tuple[str, ...]) -> str:
+    for placeholder, index in zip(_INDEX_NAMES, indices):
+        template = template.replace(placeholder, index)
+    return template
 
 
 _LAYER = "model.layers.{i}."
@@ -109,6 +119,13 @@ _QKV = tuple(_LAYER + f"self_attn.{p}_proj" for p in "qkv")
 LAYOUTS: dict[str, Layout] = {
     "phi3": Layout(fused={_LAYER + "self_attn.qkv_proj": _QKV,
                           _LAYER + "mlp.gate_up_proj": (_LAYER + "mlp.gate_proj", _LAYER + "mlp.up_proj")}),
+    # Mixtral's Hub files keep the pre-2024 names of its MoE block (w1 gate, w3 up, w2 down).
+    "mixtral": Layout(renames={_LAYER + "block_sparse_moe.gate": _LAYER + "mlp.gate", **{
+        _LAYER + f"block_sparse_moe.experts.{{j}}.{w}": _LAYER + f"mlp.experts.{{j}}.{p}_proj"
+        for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))}}),
+    # Qwen2-MoE's one shared expert is `shared_expert`; foundry names every shared MLP as DeepSeek does.
+    "qwen2_moe": Layout(renames={_LAYER + f"mlp.shared_expert.{p}_proj": _LAYER + f"mlp.shared_experts.{p}_proj"
+                                 for p in ("gate", "up", "down")}),
     "gpt2": Layout(
         renames={"transformer.wte": "model.embed_tokens", "transformer.wpe": "model.embed_positions",
                  "transformer.ln_f": "model.norm", _GPT2 + "ln_1": _LAYER + "input_layernorm",

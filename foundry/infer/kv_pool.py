@@ -23,7 +23,7 @@ DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Key and value bytes one token takes over all layers."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    return config.kv_cache_values_per_token() * dtype.itemsize
 
 
 class KVPool:
@@ -37,10 +37,12 @@ class KVPool:
         longest = config.max_position_embeddings if slot_len is None else min(slot_len, config.max_position_embeddings)
         self.slot_len = max(1, min(longest, budget_bytes // per_token))
         self.num_slots = max(1, min(max_slots, budget_bytes // (per_token * self.slot_len)))
-        shape = (self.num_slots, config.num_key_value_heads, self.slot_len, config.head_dim)
+        heads, key_dim, value_dim = config.kv_cache_shape()  # latent attention: its latent and rotary key
         # Zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.keys = [torch.zeros(self.num_slots, heads, self.slot_len, key_dim, device=device, dtype=dtype)
+                     for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(self.num_slots, heads, self.slot_len, value_dim, device=device, dtype=dtype)
+                       for _ in range(config.num_hidden_layers)]
         self.lengths = [0] * self.num_slots
         self.device = torch.device(device)
 

@@ -15,9 +15,11 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        heads, key_dim, value_dim = config.kv_cache_shape()  # latent attention: its latent and rotary key
+        self.keys = [torch.zeros(batch_size, heads, max_len, key_dim, device=device, dtype=dtype)
+                     for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(batch_size, heads, max_len, value_dim, device=device, dtype=dtype)
+                       for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.batch_size = batch_size
         self.max_len = max_len

@@ -135,9 +135,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class MLP(nn.Module):
     """Feed-forward: gated down(act(gate(x)) * up(x)) (SwiGLU, GeGLU) or plain down(act(up(x))) (GPT-2)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, width: int | None = None):
+        """width: the hidden width (intermediate_size by default; an expert's or shared expert's in MoE)."""
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, bias = config.hidden_size, width or config.intermediate_size, config.mlp_bias
         if config.mlp_gated:
             self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
@@ -149,34 +150,3 @@ class MLP(nn.Module):
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
-
-
-# Which Hugging Face norm module sits where, per norm_placement. Llama's post_attention_layernorm is the
-# MLP's input norm, while in OLMo 2 and Gemma the same name normalises the attention output.
-NORM_NAMES = {
-    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
-    "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
-    "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
-                 "mlp_in": "pre_feedforward_layernorm", "mlp_out": "post_feedforward_layernorm"},
-}
-
-
-class DecoderLayer(nn.Module):
-    """Residual block: attention, then MLP, each with its norms where the family places them."""
-
-    def __init__(self, config: ModelConfig, layer: int):
-        super().__init__()
-        self.norm_names = NORM_NAMES[config.norm_placement]
-        for name in self.norm_names.values():
-            self.add_module(name, make_norm(config))
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
-
-    def _norm(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        name = self.norm_names.get(role)
-        return x if name is None else getattr(self, name)(x)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self._norm("attn_out", self.self_attn(self._norm("attn_in", x), cos, sin, mask, cache))
-        return x + self._norm("mlp_out", self.mlp(self._norm("mlp_in", x)))

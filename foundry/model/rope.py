@@ -57,6 +57,15 @@ def attention_factor(config: ModelConfig, layer_type: str = "full_attention") ->
     return _yarn_mscale(factor)
 
 
+def yarn_attention_scale(config: ModelConfig) -> float:
+    """What DeepSeek multiplies its softmax scale by under scaled RoPE: YaRN's mscale(factor, mscale_all_dim)^2."""
+    scaling = config.rope_scaling or {}
+    mscale_all_dim = scaling.get("mscale_all_dim")
+    if scaling.get("rope_type", "default") == "default" or not mscale_all_dim:
+        return 1.0
+    return _yarn_mscale(scaling["factor"], mscale_all_dim) ** 2
+
+
 def long_context_threshold(config: ModelConfig) -> int | None:
     """LongRoPE uses its long factors for a sequence longer than this; None for other schemes."""
     scaling = config.rope_scaling or {}

@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from foundry.config import ModelConfig
 from foundry.model.kv_cache import KVCache
-from foundry.model.layers import DecoderLayer, make_norm
+from foundry.model.decoder_layer import DecoderLayer
+from foundry.model.layers import make_norm
 from foundry.model.rope import attention_factor, inverse_frequencies, long_context_threshold, rotary_cos_sin
 
 
@@ -29,13 +30,12 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only causal language model (Llama, Mistral, Qwen, Phi-3, Gemma, OLMo 2, GPT-2 families):
+    """A decoder-only causal language model (Llama, Mistral, Qwen, Phi-3, Gemma, OLMo 2, GPT-2; the mixtures of
+    experts Mixtral, Qwen-MoE and DeepSeek-V3):
     token ids in, next-token logits out."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.num_experts:
-            raise NotImplementedError("mixture-of-experts layers are not implemented in the model yet")
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

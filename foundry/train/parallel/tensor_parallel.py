@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (
 
 from foundry.config import ModelConfig
 from foundry.core.errors import UserError
-from foundry.model.layers import NORM_NAMES
+from foundry.model.decoder_layer import NORM_NAMES
 
 
 def tensor_parallel_refusal(config: ModelConfig, tp: int, seq_len: int) -> str | None:
