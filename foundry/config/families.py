@@ -185,6 +185,8 @@ def _read_qwen_moe(raw: dict[str, Any], kw: dict[str, Any]) -> None:
 def _write_qwen_moe(config: "ModelConfig", out: dict[str, Any]) -> None:
     _write_qwen(config, out)
     out["mlp_only_layers"] = list(config.mlp_only_layers or [])
+    if config.model_type == "qwen3_moe":
+        out.pop("layer_types")  # its config class has none: the window applies to every layer
 
 
 def _read_qwen2_moe(raw: dict[str, Any], kw: dict[str, Any]) -> None:
@@ -258,26 +260,25 @@ FAMILIES: tuple[Family, ...] = (
            read=_read_qwen2_moe, write=_write_qwen2_moe,
            defaults={**_QWEN_MOE_DEFAULTS, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}),
     Family("Qwen3-MoE", ("Qwen3MoeForCausalLM",), "qwen3_moe", {**_keys("mlp_bias"), **_QWEN_MOE_KEYS},
-           fixed={"qk_norm": "head"}, features=frozenset({"sliding_window", "layer_types", "mlp_only_layers"}),
+           fixed={"qk_norm": "head"}, features=frozenset({"sliding_window", "mlp_only_layers"}),
            read=_read_qwen_moe, write=_write_qwen_moe,
            defaults={**_QWEN_MOE_DEFAULTS, "attention_bias": False, "num_experts_per_tok": 8, "num_experts": 128,
                      "moe_intermediate_size": 768}),
     Family("DeepSeek-V3", ("DeepseekV3ForCausalLM",), "deepseek_v3",
-           {**_keys("mlp_bias", "head_dim", "num_key_value_heads"), **_MOE_KEYS,
+           {**_keys("mlp_bias", "head_dim"),
+            **{k: v for k, v in _MOE_KEYS.items() if k != "router_aux_loss_coef"},  # auxiliary-loss-free
             "n_routed_experts": "num_experts", "routed_scaling_factor": "routed_scaling_factor",
             "n_group": "router_groups", "topk_group": "router_topk_groups",
             "first_k_dense_replace": "first_k_dense_replace", "kv_lora_rank": "kv_lora_rank",
             "q_lora_rank": "q_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "head_dim",
-            "v_head_dim": "v_head_dim", "rope_interleave": "rope_interleave", "num_key_value_heads":
-                "num_key_value_heads"},
+            "v_head_dim": "v_head_dim", "rope_interleave": "rope_interleave"},
            fixed={"router_scoring": "sigmoid", "router_correction_bias": True},
            features=frozenset({"shared_expert_intermediate_size"}), read=_read_deepseek, write=_write_deepseek,
            defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
                      "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
                      "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
                      "first_k_dense_replace": 3, "norm_topk_prob": True, "kv_lora_rank": 512, "q_lora_rank": 1536,
-                     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True,
-                     "router_aux_loss_coef": 0.0}),
+                     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True}),
     Family("Phi-3", ("Phi3ForCausalLM",), "phi3", _keys("attention_bias", "mlp_bias", "head_dim"),
            features=frozenset({"sliding_window", "partial_rotary_factor"}), read=_read_phi3, write=_write_phi3,
            rope_aliases={"su": "longrope", "yarn": "longrope"},
