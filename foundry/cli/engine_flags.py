@@ -106,8 +106,9 @@ def build_engine(model: str, device: str = "auto", compile: bool | None = False,
     from foundry.infer.engine import Engine
 
     where = resolve_device(device)
-    compile = where.type == "cpu" if compile is None else compile
     model_dir = hub.resolve_model_dir(model)  # a run directory's newest checkpoint, a Hub download
+    if compile is None:  # the default: compiled on a CPU, except where the compiled step does not reach (MoE)
+        compile = where.type == "cpu" and not hub.read_config(model_dir).num_experts
     run_dtype = resolve_run_dtype(model_dir, dtype, where, err)
     extra: dict = {}
     if kv_cache_memory is not None:

@@ -47,6 +47,9 @@ class Engine:
         # (infer/compiled.py): tens of seconds to compile on two cores the first time, then loaded from disk.
         # prepack: swap large fp32 linears for oneDNN-packed ones (CPU). It changes the model in place,
         # so it is off for a model handed in (it may still be training) and on in Engine.load.
+        if compile and self.config.num_experts:
+            raise UserError("--compile: the compiled decode step does not cover mixture-of-experts models yet (which "
+                            "experts run depends on the tokens, so the step's shapes do); run without it")
         self.prepacked = prepack and not compile and can_prepack(self.model, self.device)
         if self.prepacked:
             prepack_linears(self.model)

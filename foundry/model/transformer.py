@@ -89,6 +89,9 @@ class Transformer(nn.Module):
         params = dict(self.named_parameters())
         for name, value in self.initial_values(seed):
             params[name].copy_(value)
+        for name, buffer in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias starts neutral
+                buffer.zero_()
         self.init_rotary()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

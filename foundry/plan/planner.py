@@ -4,7 +4,8 @@ Pure arithmetic over `ModelConfig`; runs where torch is not installed. Sources:
 - FLOPs: 6N per token (Kaplan et al. 2020), plus attention's 12*L*H*Q*T (PaLM, Chowdhery et al. 2022,
   App. B); MoE counts active parameters. MFU is PaLM's model-FLOPs utilisation.
 - Model states: 2 + 2 + 12 bytes per parameter for mixed-precision Adam, sharded by ZeRO stage
-  (Rajbhandari et al. 2020, Sec. 3-5); FSDP full shard = stage 3, shard-grad-op = stage 2.
+  (Rajbhandari et al. 2020, Sec. 3-5); FSDP full shard = stage 3, shard-grad-op = stage 2. MoE counts all
+  parameters; expert parallelism splits the routed experts' states (`foundry.plan.experts`).
 - Activations: Korthikanti et al. 2022 (arXiv:2205.05198, Sec. 4), per layout and recompute mode.
 - Sizing and loss: see `foundry.plan.scaling`. Hardware: see `foundry.plan.hardware`.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 from foundry.config import PRESETS, ModelConfig, preset, read_config_file
 from foundry.core.errors import UserError
-from foundry.plan import scaling
+from foundry.plan import experts, scaling
 from foundry.plan.hardware import Hardware, lookup, with_overrides
 
 # (weights, gradients, optimizer) bytes per parameter with Adam; ZeRO's K = 12 for mixed precision.
@@ -67,23 +68,26 @@ def model_state_bytes(params: float, *, dp: int = 1, zero: int = 0, precision: s
             "optimizer": optimizer / (dp if zero >= 1 else 1)}
 
 
-def layer_activation_bytes(seq: int, batch: int, hidden: int, heads: int, *, q_width: int | None = None,
-                           kv_width: int | None = None, ffn_width: int | None = None, tp: int = 1,
+def layer_activation_bytes(seq: int, batch: int, hidden: int, heads: int, *, q_width: float | None = None,
+                           kv_width: float | None = None, ffn_width: float | None = None, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", elem: int = 2,
-                           gated: bool = True, dropout: bool = False, kernels: str = "fused") -> float:
+                           gated: bool = True, dropout: bool = False, kernels: str = "fused",
+                           routed_copies: float = 0) -> float:
     """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, Sec. 4, generalised).
 
     With q = kv = h, a 4h GELU MLP, dropout and elem = 2 it is the paper's sbh(34 + 5as/h), with TP
     sbh(10 + 24/t + 5as/(ht)), with sequence parallelism sbh/t(34 + 5as/h); selective recompute drops
-    the as^2 terms (as FlashAttention does), full recompute keeps only the layer input, 2sbh."""
+    the as^2 terms (as FlashAttention does), full recompute keeps only the layer input, 2sbh. A mixture of
+    experts keeps, for each of a token's `routed_copies`, the dispatched input and the expert's output."""
     q_width, kv_width = q_width or hidden, kv_width or hidden
     ffn_width = ffn_width or 4 * hidden
     sbh, sb = seq * batch * hidden, seq * batch
     norm_split = tp if sequence_parallel else 1  # without SP, norms and dropouts are replicated per TP rank
     if recompute == "full":
         return elem * sbh / norm_split
-    # Two norm inputs, two block inputs (QKV, MLP) and, with dropout, two 1-byte masks.
-    outside = 4 * elem * sbh + (2 * sbh if dropout else 0)
+    # Two norm inputs, two block inputs (QKV, MLP) and, with dropout, two 1-byte masks; the routed copies'
+    # inputs (for the experts' backward) and outputs (for the weighted sum's), at full width like the MLP input.
+    outside = 4 * elem * sbh + (2 * sbh if dropout else 0) + 2 * routed_copies * elem * sbh
     # Q, K, V, the attention output; the MLP's hidden activations (SwiGLU keeps four, GELU two).
     inside = elem * sb * (2 * q_width + 2 * kv_width) + (4 if gated else 2) * elem * sb * ffn_width
     if kernels == "eager":
@@ -98,12 +102,13 @@ def layer_activation_bytes(seq: int, batch: int, hidden: int, heads: int, *, q_w
 def activation_bytes(config: ModelConfig, *, seq: int, micro_batch: int, tp: int = 1, pp: int = 1,
                      sequence_parallel: bool = False, recompute: str = "selective", elem: int = 2,
                      kernels: str = "fused") -> float:
-    """Peak activation bytes on the busiest device: all layers' worth under 1F1B, plus the output layer."""
-    ffn = config.intermediate_size
-    if config.num_experts:  # each token runs through k experts
-        ffn = (config.moe_intermediate_size or ffn) * config.num_experts_per_tok
-    common = dict(q_width=config.q_size, kv_width=config.kv_size, ffn_width=ffn, tp=tp,
-                  sequence_parallel=sequence_parallel, elem=elem, kernels=kernels)
+    """Peak activation bytes on the busiest device: all layers' worth under 1F1B, plus the output layer.
+    Layers are averaged: a mixture of experts' token runs through k experts (and a shared one) in its sparse
+    layers, the dense width in the others; latent attention keeps its expanded per-head K and V."""
+    q_width, kv_width = experts.attention_widths(config)
+    common = dict(q_width=q_width, kv_width=kv_width, ffn_width=experts.mean_mlp_width(config), tp=tp,
+                  sequence_parallel=sequence_parallel, elem=elem, kernels=kernels,
+                  routed_copies=experts.mean_routed_copies(config))
     shape = (seq, micro_batch, config.hidden_size, config.num_attention_heads)
     per_layer = layer_activation_bytes(*shape, recompute=recompute, **common)
     layers = config.num_hidden_layers
@@ -135,6 +140,7 @@ class PlanRequest:
     dp: int | None = None
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     zero: int | None = None
     fsdp: str | None = None
     sequence_parallel: bool | None = None
@@ -177,6 +183,13 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
     law = scaling.loss_law(req.loss_law)
     plan: dict[str, Any] = {"model": _describe_model(config, source, params),
                             "hardware": dataclasses.asdict(hw), "layout": layout, "notes": []}
+    if config is not None and config.num_experts:
+        plan["notes"].append(experts.moe_note(config))
+        if layout["ep"] > 1:
+            plan["notes"].append(experts.expert_parallel_note(layout))
+    if config is not None and config.kv_lora_rank:
+        plan["notes"].append(f"latent attention: the KV cache holds kv_lora_rank {config.kv_lora_rank} + rope "
+                             f"{config.head_dim} numbers per layer and token, not K and V per head")
     if params is not None:
         plan["training"] = _training(req, config, params, hw, layout, law, plan["notes"])
         plan["memory"] = _memory(config, params, hw, layout, plan["notes"])
@@ -211,11 +224,12 @@ def load_model(spec: str) -> ModelConfig:
 
 
 def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:
-    for flag, value in (("--gpus", req.gpus), ("--dp", req.dp), ("--tp", req.tp), ("--pp", req.pp)):
+    for flag, value in (("--gpus", req.gpus), ("--dp", req.dp), ("--tp", req.tp), ("--pp", req.pp),
+                        ("--ep", req.ep)):
         _positive(flag, value)
-    tp, pp = req.tp, req.pp
+    tp, pp, ep = req.tp, req.pp, req.ep
     if req.gpus is None:
-        dp = req.dp or 1
+        dp = req.dp or ep  # the least data parallelism that expert parallelism can be carved from
         gpus = dp * tp * pp
     elif req.dp is None:
         if req.gpus % (tp * pp):
@@ -234,6 +248,7 @@ def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:
             raise UserError(f"--tp {tp} does not divide the model's {heads} attention heads")
         if pp > config.num_hidden_layers:
             raise UserError(f"--pp {pp} is more than the model's {config.num_hidden_layers} layers")
+    experts.check_expert_parallel(config, ep, gpus, dp)
     zero = req.zero
     if req.fsdp is not None:
         if req.fsdp not in FSDP:
@@ -250,7 +265,7 @@ def _layout(req: PlanRequest, config: ModelConfig | None) -> dict[str, Any]:
             raise UserError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
     seq_len = req.seq_len or (min(4096, config.max_position_embeddings) if config else 2048)
     sp = tp > 1 if req.sequence_parallel is None else bool(req.sequence_parallel)
-    return {"gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "zero": zero, "sequence_parallel": sp,
+    return {"gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "ep": ep, "zero": zero, "sequence_parallel": sp,
             "recompute": req.recompute, "kernels": req.kernels, "precision": req.precision,
             "seq_len": seq_len, "micro_batch": req.micro_batch}
 
@@ -261,7 +276,9 @@ def _describe_model(config: ModelConfig | None, source: str | None, params: floa
     return {"source": source, "params": config.num_params(), "active_params": config.num_params(active_only=True),
             "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "head_dim": config.head_dim, "vocab_size": config.vocab_size, "experts": config.num_experts}
+            "head_dim": config.head_dim, "vocab_size": config.vocab_size, "experts": config.num_experts,
+            "experts_per_token": config.num_experts_per_tok, "routed_expert_params": experts.routed_expert_params(config),
+            "kv_lora_rank": config.kv_lora_rank}
 
 
 def _training(req, config, params, hw: Hardware, layout, law, notes) -> dict[str, Any]:
@@ -292,10 +309,17 @@ def _training(req, config, params, hw: Hardware, layout, law, notes) -> dict[str
 
 
 def _memory(config, params, hw: Hardware, layout, notes) -> dict[str, Any]:
-    states = model_state_bytes(params, dp=layout["dp"], zero=layout["zero"], precision=layout["precision"],
-                               model_parallel=layout["tp"] * layout["pp"])
+    # The routed experts are split over ep on top of tp x pp, and ZeRO shards them over the dp / ep ranks that hold
+    # the same experts (Megatron's expert data parallelism); everything else is laid out as in a dense model.
+    routed = experts.routed_expert_params(config)
+    common = dict(zero=layout["zero"], precision=layout["precision"])
+    model_parallel, ep = layout["tp"] * layout["pp"], layout["ep"]
+    dense = model_state_bytes(params - routed, dp=layout["dp"], model_parallel=model_parallel, **common)
+    expert = model_state_bytes(routed, dp=layout["dp"] // ep, model_parallel=model_parallel * ep, **common)
+    states = {k: dense[k] + expert[k] for k in dense}
     fixed = sum(states.values())
-    out: dict[str, Any] = {**states, "capacity": hw.memory_bytes}
+    out: dict[str, Any] = {**states, "routed_expert_params": routed, "expert_states": sum(expert.values()),
+                           "dense_states": sum(dense.values()), "capacity": hw.memory_bytes}
     if config is None:
         notes.append("--params gives no shape: activation memory is not counted")
         out.update(activations=None, total=fixed, fits=fixed <= hw.memory_bytes, max_micro_batch=None)
@@ -322,10 +346,12 @@ def _inference(req, config, params, hw: Hardware, layout) -> dict[str, Any]:
     weights = params * wb
     out: dict[str, Any] = {"context": context, "replica_devices": devices, "weights": weights,
                            "weights_per_device": weights / devices}
-    kv_token = 2 * config.num_hidden_layers * config.kv_size * kvb if config else 0.0
+    kv_token = experts.kv_cache_bytes_per_token(config, kvb) if config else 0.0
     kv_request = kv_token * context
-    # Per generated token: 2 FLOPs per active weight, 4*L*Q per context position for QK^T and AV.
-    flops_token = 2 * active + (4 * config.num_hidden_layers * config.q_size * context if config else 0)
+    # Per generated token: 2 FLOPs per active weight, 2*L*H*(Q_k + Q_v) per context position for QK^T and AV.
+    flops_token = 2 * active + (2 * config.num_hidden_layers * config.num_attention_heads
+                                * (config.qk_head_dim + (config.v_head_dim if config.kv_lora_rank else config.head_dim))
+                                * context if config else 0)
     # Batch 1: pipeline stages take turns, so only TP's bandwidth adds up.
     bw1 = layout["tp"] * hw.bandwidth
     bandwidth_one = bw1 / (active * wb + kv_request)
