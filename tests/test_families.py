@@ -71,11 +71,17 @@ def _configs():
             **{**SHAPE, "num_key_value_heads": 8}, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
             first_k_dense_replace=0, n_group=1, topk_group=1, kv_lora_rank=24, q_lora_rank=None, qk_rope_head_dim=8,
             qk_nope_head_dim=12, v_head_dim=16, rope_interleave=False),
+        # Softmax routing limited to the groups with the best single expert; no shared expert gate.
+        "deepseek-v2": lambda: t.DeepseekV2Config(
+            **{**SHAPE, "num_key_value_heads": 8}, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=40,
+            first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=1,
+            kv_lora_rank=24, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=16,
+            routed_scaling_factor=1.5),
     }
 
 
 FAMILIES = list(_configs())
-MOE = {"mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "deepseek-v3-plain-q"}
+MOE = {"mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3", "deepseek-v3-plain-q", "deepseek-v2"}
 
 
 def _reference_options(name: str) -> dict:

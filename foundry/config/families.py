@@ -31,7 +31,7 @@ _SWITCHES: dict[str, Any] = {
     # Mixture of experts and latent attention: only the families below can say them.
     "num_experts": 0, "shared_expert_intermediate_size": 0, "shared_expert_gate": False, "router_scoring": "softmax",
     "norm_topk_prob": True, "router_correction_bias": False, "router_groups": 1, "router_topk_groups": 1,
-    "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "decoder_sparse_step": 1, "mlp_only_layers": None,
+    "routed_scaling_factor": 1.0, "router_group_scoring": "top2", "first_k_dense_replace": 0, "decoder_sparse_step": 1, "mlp_only_layers": None,
     "kv_lora_rank": 0, "q_lora_rank": None, "rope_interleave": False,
 }
 
@@ -210,6 +210,29 @@ def _read_deepseek(raw: dict[str, Any], kw: dict[str, Any]) -> None:
     raw.pop("head_dim", None)  # transformers 5 writes it as qk_rope_head_dim, which is what we read
 
 
+def _read_deepseek_v2(raw: dict[str, Any], kw: dict[str, Any]) -> None:
+    method = raw.pop("topk_method")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UserError(f"config.json: DeepSeek-V2 with topk_method={method!r} is not supported "
+                        f"(greedy or group_limited_greedy)")
+    if raw.pop("norm_topk_prob", False):
+        raise UserError("config.json: DeepSeek-V2 with norm_topk_prob=true is not supported (transformers ignores "
+                        "it; the published models have false)")
+    groups = (raw.pop("n_group"), raw.pop("topk_group")) if method == "group_limited_greedy" else (None, None)
+    raw.pop("n_group", None), raw.pop("topk_group", None)
+    kw["router_groups"], kw["router_topk_groups"] = groups[0] or 1, groups[1] or 1
+    kw["shared_expert_intermediate_size"] = (raw.pop("n_shared_experts") or 0) * raw["moe_intermediate_size"]
+    raw.pop("qk_head_dim", None)
+    raw.pop("head_dim", None)
+
+
+def _write_deepseek_v2(config: "ModelConfig", out: dict[str, Any]) -> None:
+    _write_deepseek(config, out)
+    grouped = config.router_groups > 1
+    out["topk_method"] = "group_limited_greedy" if grouped else "greedy"
+    out["n_group"], out["topk_group"] = (config.router_groups, config.router_topk_groups) if grouped else (None, None)
+
+
 def _write_deepseek(config: "ModelConfig", out: dict[str, Any]) -> None:
     if config.shared_expert_intermediate_size % config.expert_size:
         raise UserError("model config: DeepseekV3ForCausalLM's shared experts are a whole number of routed "
@@ -272,13 +295,29 @@ FAMILIES: tuple[Family, ...] = (
             "first_k_dense_replace": "first_k_dense_replace", "kv_lora_rank": "kv_lora_rank",
             "q_lora_rank": "q_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "head_dim",
             "v_head_dim": "v_head_dim", "rope_interleave": "rope_interleave"},
-           fixed={"router_scoring": "sigmoid", "router_correction_bias": True},
+           fixed={"router_scoring": "sigmoid", "router_correction_bias": True, "router_fp32": True},
            features=frozenset({"shared_expert_intermediate_size"}), read=_read_deepseek, write=_write_deepseek,
            defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
                      "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
                      "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
                      "first_k_dense_replace": 3, "norm_topk_prob": True, "kv_lora_rank": 512, "q_lora_rank": 1536,
                      "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True}),
+    Family("DeepSeek-V2", ("DeepseekV2ForCausalLM",), "deepseek_v2",
+           {**_keys("mlp_bias", "head_dim"), "n_routed_experts": "num_experts",
+            "num_experts_per_tok": "num_experts_per_tok", "moe_intermediate_size": "moe_intermediate_size",
+            "routed_scaling_factor": "routed_scaling_factor", "first_k_dense_replace": "first_k_dense_replace",
+            "kv_lora_rank": "kv_lora_rank", "q_lora_rank": "q_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim",
+            "qk_rope_head_dim": "head_dim", "v_head_dim": "v_head_dim"},
+           # Its complex-number RoPE rotates adjacent pairs: the same scores as V3's interleaved rotation.
+           fixed={"norm_topk_prob": False, "router_group_scoring": "max", "router_fp32": True,
+                  "rope_interleave": True},
+           features=frozenset({"shared_expert_intermediate_size", "router_groups", "router_topk_groups"}),
+           read=_read_deepseek_v2, write=_write_deepseek_v2,
+           defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                     "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+                     "moe_intermediate_size": 1407, "routed_scaling_factor": 1.0, "first_k_dense_replace": 0,
+                     "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                     "v_head_dim": 128, "topk_method": "greedy", "n_group": None, "topk_group": None}),
     Family("Phi-3", ("Phi3ForCausalLM",), "phi3", _keys("attention_bias", "mlp_bias", "head_dim"),
            features=frozenset({"sliding_window", "partial_rotary_factor"}), read=_read_phi3, write=_write_phi3,
            rope_aliases={"su": "longrope", "yarn": "longrope"},

@@ -48,6 +48,8 @@ class ModelConfig:
     router_correction_bias: bool = False  # a per-expert bias added when choosing, not weighting (DeepSeek-V3)
     router_groups: int = 1  # experts split into groups; a token chooses only within its best groups (n_group)
     router_topk_groups: int = 1  # groups a token may choose from (topk_group)
+    router_group_scoring: str = "top2"  # a group's rank: its two best experts' sum (DeepSeek-V3) | its best (V2)
+    router_fp32: bool = False  # router logits in fp32 from fp32 weights (DeepSeek), not in the weights' dtype
     routed_scaling_factor: float = 1.0  # the routed experts' sum is multiplied by it (DeepSeek)
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (Switch/Mixtral)
     first_k_dense_replace: int = 0  # the first k layers keep a dense MLP (DeepSeek)
@@ -145,6 +147,8 @@ class ModelConfig:
                 f"model config: num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
         if self.router_scoring not in ("softmax", "sigmoid"):
             raise UserError(f"model config: router_scoring must be softmax or sigmoid, got {self.router_scoring!r}")
+        if self.router_group_scoring not in ("top2", "max"):
+            raise UserError(f"model config: router_group_scoring must be top2 or max, got {self.router_group_scoring!r}")
         groups, chosen = self.router_groups, self.router_topk_groups
         if self.num_experts % groups or not 0 < chosen <= groups:
             raise UserError(f"model config: {self.num_experts} experts cannot be split into router_groups={groups} "

@@ -1,7 +1,7 @@
 """The mixture-of-experts MLP: a router picks k of the routed experts per token, plus any always-on shared expert.
 
 One block covers the families (ModelConfig's switches): softmax top-k with optional renormalisation (Mixtral,
-Qwen-MoE), DeepSeek-V3's sigmoid scores with a score-correction bias that only steers the choice, group-limited
+Qwen-MoE, DeepSeek-V2), DeepSeek-V3's sigmoid scores with a score-correction bias that only steers the choice, group-limited
 top-k and a routed scaling factor, and Qwen2-MoE's sigmoid-gated shared expert or DeepSeek's plain shared experts.
 Experts run as one matmul each over the tokens routed to them (tokens sorted by expert), never a loop over tokens.
 """
@@ -43,11 +43,13 @@ class Router(nn.Module):
         self.sigmoid = config.router_scoring == "sigmoid"
         self.normalise = config.norm_topk_prob
         self.groups, self.topk_groups = config.router_groups, config.router_topk_groups
+        self.group_by_best = config.router_group_scoring == "max"
+        self.fp32 = config.router_fp32
         self.scaling = config.routed_scaling_factor
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E] in fp32 (DeepSeek computes them in fp32; the others in the weights' dtype)."""
-        if self.sigmoid:
+        if self.fp32:
             return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight).float()
 
@@ -56,9 +58,10 @@ class Router(nn.Module):
         choice = scores
         if hasattr(self, "e_score_correction_bias"):
             choice = scores + self.e_score_correction_bias
-        if self.groups > 1:  # keep the topk_groups groups whose two best experts score highest
+        if self.groups > 1:  # keep the topk_groups groups that score highest (two best experts' sum, or best)
             grouped = choice.view(-1, self.groups, choice.shape[-1] // self.groups)
-            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_groups, dim=-1).indices
+            rank = grouped.amax(dim=-1) if self.group_by_best else grouped.topk(2, dim=-1).values.sum(dim=-1)
+            best = rank.topk(self.topk_groups, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
         experts = choice.topk(self.top_k, dim=-1).indices
