@@ -171,3 +171,22 @@ def test_serve_defaults_to_the_eager_step_for_moe_and_batches_requests_like_the_
     finally:
         server.stop()
     assert [a.choices[0].text for a in answers] == expected
+
+
+def test_deepseeks_multi_token_prediction_layer_is_passed_over_on_loading(tmp_path):
+    # DeepSeek-V3's checkpoints store the MTP module as one more layer (model.layers.61 of 61); neither foundry
+    # nor transformers builds it.
+    from safetensors.torch import load_file, save_file
+
+    config = _config(**DEEPSEEK).replace(extra={"num_nextn_predict_layers": 1})
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    path = hub.save(tmp_path / "v3", model)
+    tensors = load_file(path / "model.safetensors")
+    tensors.update({name.replace("layers.1.", "layers.2."): t.clone() for name, t in tensors.items() if "layers.1." in name})
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    loaded = hub.load(path).model
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

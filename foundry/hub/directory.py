@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,11 @@ def iter_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.S
     kind, files = weight_files(model_dir, trust_pickle)
     seen: set[str] = set()
     unexpected = []
+    # DeepSeek-V3's multi-token-prediction module is stored as the layers after the last (num_nextn_predict_layers);
+    # foundry does not build it (neither does transformers), so its tensors are passed over.
+    extra_layers_from = config.num_hidden_layers if config.extra.get("num_nextn_predict_layers") else None
     for hf_name, tensor in read_tensors(kind, files):
-        if hf_name in skip:
+        if hf_name in skip or (extra_layers_from is not None and _layer_of(hf_name) >= extra_layers_from):
             continue
         try:
             parts = layout.to_foundry(hf_name, tensor, expected)
@@ -123,6 +127,12 @@ def iter_state(model_dir: Path, config: ModelConfig, expected: dict[str, torch.S
         raise UserError(f"{model_dir}: the weights do not match config.json ({config.architecture}): "
                         + "; ".join(f"{len(names)} {what}, first {names[0]}"
                                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
+
+
+def _layer_of(name: str) -> int:
+    """The decoder layer a tensor belongs to (-1 for the embeddings, head and final norm)."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
 
 
 def load_weights(model: Transformer, model_dir: Path, device: str | torch.device = "cpu",
