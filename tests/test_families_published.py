@@ -2,14 +2,17 @@
 
 For every one: ModelConfig's parameter count equals the instantiated model's, transformers' own (on the meta
 device) and, where the model card gives it, the published figure; and the config.json foundry writes back
-gives transformers the same config as the original.
+gives transformers the same config as the original. Mixtures of experts also count their active parameters as
+their makers publish them, and the MoE presets are these files.
 """
+
+import math
 
 import pytest
 import torch
 import transformers  # the reference: missing, collection fails loudly instead of skipping
 
-from foundry.config import ModelConfig
+from foundry.config import ModelConfig, preset
 from foundry.model import Transformer
 
 transformers.logging.set_verbosity_error()
@@ -111,14 +114,96 @@ PUBLISHED = {
          'summary_use_proj': True,
          'task_specific_params': {'text-generation': {'do_sample': True, 'max_length': 50}}, 'vocab_size': 50257},
         124439808),
+    # The mixtures of experts (their cards give rounded figures only: see PUBLISHED_MOE below).
+    "Mixtral-8x7B-v0.1": (
+        {'architectures': ['MixtralForCausalLM'], 'attention_dropout': 0.0, 'bos_token_id': 1, 'eos_token_id': 2,
+         'hidden_act': 'silu', 'hidden_size': 4096, 'initializer_range': 0.02, 'intermediate_size': 14336,
+         'max_position_embeddings': 32768, 'model_type': 'mixtral', 'num_attention_heads': 32,
+         'num_experts_per_tok': 2, 'num_hidden_layers': 32, 'num_key_value_heads': 8, 'num_local_experts': 8,
+         'output_router_logits': False, 'rms_norm_eps': 1e-05, 'rope_theta': 1000000.0, 'router_aux_loss_coef': 0.02,
+         'sliding_window': None, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+         'transformers_version': '4.36.0.dev0', 'use_cache': True, 'vocab_size': 32000},
+        None),
+    "Qwen1.5-MoE-A2.7B": (
+        {'architectures': ['Qwen2MoeForCausalLM'], 'attention_dropout': 0.0, 'bos_token_id': 151643,
+         'eos_token_id': 151643, 'hidden_act': 'silu', 'hidden_size': 2048, 'initializer_range': 0.02,
+         'intermediate_size': 5632, 'max_position_embeddings': 8192, 'max_window_layers': 21,
+         'model_type': 'qwen2_moe', 'num_attention_heads': 16, 'num_hidden_layers': 24, 'num_key_value_heads': 16,
+         'rms_norm_eps': 1e-06, 'rope_theta': 1000000.0, 'sliding_window': 32768, 'tie_word_embeddings': False,
+         'torch_dtype': 'bfloat16', 'transformers_version': '4.39.0.dev0', 'use_cache': True,
+         'use_sliding_window': False, 'vocab_size': 151936, 'decoder_sparse_step': 1, 'moe_intermediate_size': 1408,
+         'shared_expert_intermediate_size': 5632, 'num_experts_per_tok': 4, 'num_experts': 60,
+         'norm_topk_prob': False, 'output_router_logits': False, 'router_aux_loss_coef': 0.001},
+        None),
+    "Qwen3-30B-A3B": (
+        {'architectures': ['Qwen3MoeForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+         'bos_token_id': 151643, 'decoder_sparse_step': 1, 'eos_token_id': 151645, 'head_dim': 128,
+         'hidden_act': 'silu', 'hidden_size': 2048, 'initializer_range': 0.02, 'intermediate_size': 6144,
+         'max_position_embeddings': 40960, 'max_window_layers': 48, 'mlp_only_layers': [], 'model_type': 'qwen3_moe',
+         'moe_intermediate_size': 768, 'norm_topk_prob': True, 'num_attention_heads': 32, 'num_experts': 128,
+         'num_experts_per_tok': 8, 'num_hidden_layers': 48, 'num_key_value_heads': 4, 'output_router_logits': False,
+         'rms_norm_eps': 1e-06, 'rope_scaling': None, 'rope_theta': 1000000.0, 'router_aux_loss_coef': 0.001,
+         'sliding_window': None, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+         'transformers_version': '4.51.0', 'use_cache': True, 'use_sliding_window': False, 'vocab_size': 151936},
+        None),
+    "DeepSeek-V3": (
+        {'architectures': ['DeepseekV3ForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+         'auto_map': {'AutoConfig': 'configuration_deepseek.DeepseekV3Config',
+                      'AutoModel': 'modeling_deepseek.DeepseekV3Model',
+                      'AutoModelForCausalLM': 'modeling_deepseek.DeepseekV3ForCausalLM'},
+         'aux_loss_alpha': 0.001, 'bos_token_id': 0, 'eos_token_id': 1, 'ep_size': 1, 'first_k_dense_replace': 3,
+         'hidden_act': 'silu', 'hidden_size': 7168, 'initializer_range': 0.02, 'intermediate_size': 18432,
+         'kv_lora_rank': 512, 'max_position_embeddings': 163840, 'model_type': 'deepseek_v3',
+         'moe_intermediate_size': 2048, 'moe_layer_freq': 1, 'n_group': 8, 'n_routed_experts': 256,
+         'n_shared_experts': 1, 'norm_topk_prob': True, 'num_attention_heads': 128, 'num_experts_per_tok': 8,
+         'num_hidden_layers': 61, 'num_key_value_heads': 128, 'num_nextn_predict_layers': 1, 'pretraining_tp': 1,
+         'q_lora_rank': 1536, 'qk_nope_head_dim': 128, 'qk_rope_head_dim': 64,
+         'quantization_config': {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8',
+                                 'weight_block_size': [128, 128]},
+         'rms_norm_eps': 1e-06,
+         'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0,
+                          'original_max_position_embeddings': 4096, 'type': 'yarn'},
+         'rope_theta': 10000, 'routed_scaling_factor': 2.5, 'scoring_func': 'sigmoid', 'seq_aux': True,
+         'tie_word_embeddings': False, 'topk_group': 4, 'topk_method': 'noaux_tc', 'torch_dtype': 'bfloat16',
+         'transformers_version': '4.33.1', 'use_cache': True, 'v_head_dim': 128, 'vocab_size': 129280},
+        None),
 }
+
+# name -> (total, active) as the makers publish them, in billions, and how they rounded their exact counts.
+# Mixtral: "46.7B total parameters but only uses 12.9B parameters per token" (Mistral AI, "Mixtral of experts",
+# 2023). Qwen1.5-MoE: "14.3B", "2.7B activated" (Qwen, "Qwen1.5-MoE: Matching 7B Model Performance with 1/3
+# Activated Parameters", 2024). Qwen3-30B-A3B's card: "30.5B in total and 3.3B activated" (its 3.353B active is
+# cut, not rounded, to 3.3B). DeepSeek-V3 (arXiv:2412.19437): "671B total parameters with 37B activated for each
+# token", whole billions cut (37.55B; or 36.63B rounded, without the input embedding, which is a lookup). The Hub
+# shows 685B for DeepSeek-V3: it includes the 14B multi-token-prediction module (num_nextn_predict_layers: 1, one
+# more decoder layer with its own projection and norms), which neither foundry nor transformers builds.
+PUBLISHED_MOE = {
+    "Mixtral-8x7B-v0.1": (46.7, 12.9, 1, round),
+    "Qwen1.5-MoE-A2.7B": (14.3, 2.7, 1, round),
+    "Qwen3-30B-A3B": (30.5, 3.3, 1, math.floor),
+    "DeepSeek-V3": (671, 37, 0, math.floor),
+}
+# The presets that are published files.
+PRESET_FILES = {"mixtral-8x7b": "Mixtral-8x7B-v0.1", "qwen3-30b-a3b": "Qwen3-30B-A3B", "deepseek-v3": "DeepSeek-V3"}
 
 
 def _hf_config(raw: dict):
     return transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
 
 
-@pytest.mark.parametrize("name", list(PUBLISHED))
+def _settings(hf_config) -> dict:
+    """A transformers config's to_dict(), with a legacy rope `type` equal to its `rope_type` dropped: transformers
+    keeps both spellings of the one setting when a file (DeepSeek-V3's) still says `type`."""
+    out = hf_config.to_dict()
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and "type" in rope and rope["type"] == rope.get("rope_type"):
+        out["rope_parameters"] = {k: v for k, v in rope.items() if k != "type"}
+    return out
+
+
+# DeepSeek-V3's 61 x 256 experts take ~20 s to build on the meta device, foundry's and transformers' together.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "DeepSeek-V3" else n
+                                  for n in PUBLISHED])
 def test_published_config_reads_counts_and_writes_back(name):
     raw, _ = PUBLISHED[name]
     config = ModelConfig.from_hf_dict(raw)
@@ -129,7 +214,7 @@ def test_published_config_reads_counts_and_writes_back(name):
     written = config.to_hf_dict()
     assert ModelConfig.from_hf_dict(written) == config
     ignore = {"dtype", "torch_dtype", "transformers_version"}
-    before, after = _hf_config(raw).to_dict(), _hf_config(written).to_dict()
+    before, after = _settings(_hf_config(raw)), _settings(_hf_config(written))
     assert {k: v for k, v in after.items() if k not in ignore} == {k: v for k, v in before.items() if k not in ignore}
 
 
@@ -137,3 +222,33 @@ def test_published_config_reads_counts_and_writes_back(name):
 def test_parameter_count_is_the_model_cards(name):
     raw, published = PUBLISHED[name]
     assert ModelConfig.from_hf_dict(raw).num_params() == published
+
+
+def _billions(count: int, digits: int, rule) -> float:
+    return rule(count / 1e9 * 10**digits) / 10**digits
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_MOE))
+def test_moe_total_and_active_counts_are_the_published_ones(name):
+    total, active, digits, rule = PUBLISHED_MOE[name]
+    config = ModelConfig.from_hf_dict(PUBLISHED[name][0])
+    assert _billions(config.num_params(), digits, rule) == total
+    assert _billions(config.num_params(active_only=True), digits, rule) == active
+    assert config.num_params(active_only=True) < config.num_params() / 3  # a real sparsity, not a rounding
+
+
+def test_deepseek_v3_is_671b_without_its_multi_token_prediction_module():
+    config = ModelConfig.from_hf_dict(PUBLISHED["DeepSeek-V3"][0])
+    assert (config.num_params(), config.num_params(active_only=True)) == (671_026_404_352, 37_552_282_624)
+    assert config.extra["num_nextn_predict_layers"] == 1  # written back as it came; not built
+    # The module (arXiv:2412.19437, Sec. 2.2): one more MoE decoder layer, a 2h -> h projection, three norms, and in
+    # the checkpoint its own copies of the embedding and output head: 13.5B, which brings the 671.0B to the 684.5B
+    # of the Hub's files (shown as 685B with the FP8 weights' block scales; "685B - 671B = 14B" in the report).
+    h = config.hidden_size
+    mtp = config.layer_params(layer=config.num_hidden_layers - 1) + 2 * h * h + 3 * h + config.embedding_params()
+    assert round((config.num_params() + mtp) / 1e9, 1) == 684.5
+
+
+@pytest.mark.parametrize("name", list(PRESET_FILES))
+def test_moe_presets_are_the_published_files(name):
+    assert preset(name) == ModelConfig.from_hf_dict(PUBLISHED[PRESET_FILES[name]][0])

@@ -96,3 +96,56 @@ def test_info_of_an_unknown_model_is_one_line(capsys):
     assert main(["info", "llama9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a preset" in err and "tiny" in err
+
+
+def test_deepseek_v3_experts_dense_layers_and_latent_kv_cache(capsys):
+    assert main(["info", "deepseek-v3"]) == 0
+    out = capsys.readouterr().out
+    assert "671,026,404,352 (671B)" in out and "active per token               37,552,282,624 (37.6B)" in out
+    assert "256 routed of width 2,048, top-8 per token + a shared expert of width 2,048" in out
+    assert "sigmoid scores, within the best 4 of 8 groups, weights renormalised, scaled x2.5" in out
+    assert "layers 0-2 (MLP 18,432); experts in the other 58" in out
+    assert "keys and values from a rank-512 latent, queries from a rank-1,536 latent; per head q/k 128 + rope 64" in out
+    # bf16 bytes per token, all 61 layers: the latent (512 + 64), the expanded heads (128 x (192 + 128)), and
+    # a GQA of 8 KV heads of 128 (K and V).
+    latent, expanded, gqa = 61 * 576 * 2, 61 * 128 * 320 * 2, 61 * 8 * 256 * 2
+    assert f"{latent:,} B/token (68.62 KiB): latent 512 + rope 64 per layer" in out
+    assert f"{expanded:,} B/token (4.77 MiB): {expanded / latent:.1f}x the latent" in out and "71.1x" in out
+    assert f"{gqa:,} B/token (244.00 KiB): {gqa / latent:.2f}x the latent" in out and "3.56x" in out
+    info = _info_json(capsys, "deepseek-v3")
+    assert info["experts"]["dense_layers"] == [0, 1, 2] and info["experts"]["routed"] == 256
+    assert info["kv_cache"]["bytes_per_token_bf16"] == latent
+    assert (info["kv_cache"]["expanded_bytes_per_token_bf16"], info["kv_cache"]["gqa_bytes_per_token_bf16"]) == (
+        expanded, gqa)
+
+
+def test_moe_tiny_has_experts_in_every_layer_and_a_gqa_cache(capsys):
+    config = preset("moe-tiny")
+    assert main(["info", "moe-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert f"{config.num_params():,}" in out and f"{config.num_params(active_only=True):,}" in out
+    assert "8 routed of width 192, top-2 per token" in out and "shared expert" not in out
+    assert "softmax scores, weights renormalised" in out and "none: all 4 layers are mixture-of-experts" in out
+    assert "1,024 B/token (1.00 KiB): 2 KV heads x (32 + 32) per layer" in out  # 4 layers x 2 x 2 x 32 x 2 bytes
+    assert "expanded heads" not in out and "latent" not in out
+    info = _info_json(capsys, "moe-tiny")
+    assert info["experts"]["top_k"] == 2 and info["experts"]["dense_layers"] == []
+    assert info["latent_attention"] is None and info["kv_cache"]["latent"] is False
+
+
+def test_a_moe_model_directory_names_its_dense_layers(tmp_path, capsys):
+    # Qwen-MoE's mlp_only_layers and decoder_sparse_step keep some layers dense.
+    config = preset("qwen3-30b-a3b").replace(num_hidden_layers=8, mlp_only_layers=[0, 1, 2], decoder_sparse_step=2)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    info = _info_json(capsys, str(tmp_path))
+    assert info["experts"]["dense_layers"] == [0, 1, 2, 4, 6] and info["parameters"] == config.num_params()
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layers 0-2, 4, 6 (MLP 6,144); experts in the other 3" in out
+    assert f"{config.num_params(active_only=True):,}" in out
+
+
+def test_dense_models_show_their_kv_cache_and_no_experts(capsys):
+    info = _info_json(capsys, "llama3-8b")
+    assert info["experts"] is None and info["active_parameters"] is None
+    assert info["kv_cache"]["bytes_per_token_bf16"] == 2 * 32 * 8 * 128 * 2  # 128 KiB

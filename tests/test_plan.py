@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from foundry.plan import hardware, scaling
 from foundry.cli import main
 from foundry.config import ModelConfig, preset
 from foundry.core.errors import UserError
-from foundry.plan import PlanRequest, layer_activation_bytes, make_plan, model_state_bytes
+from foundry.plan import (
+    PlanRequest,
+    hardware,
+    layer_activation_bytes,
+    make_plan,
+    model_state_bytes,
+    scaling,
+)
 
 
 def plan(**kwargs):
@@ -154,8 +160,8 @@ def test_fsdp_maps_to_zero_stages():
 @pytest.mark.parametrize("s,b,h,a,t", [(2048, 1, 12288, 96, 8), (4096, 4, 4096, 32, 4), (512, 8, 1024, 16, 2)])
 def test_korthikanti_activation_formulas(s, b, h, a, t):
     # Korthikanti et al. 2022, Sec. 4 (GPT: 4h GELU MLP, dropout, 16-bit activations).
-    gpt = dict(gated=False, dropout=True, elem=2)
-    layer = lambda **kw: layer_activation_bytes(s, b, h, a, **gpt, **kw)  # noqa: E731
+    gpt = {"gated": False, "dropout": True, "elem": 2}
+    layer = lambda **kw: layer_activation_bytes(s, b, h, a, **gpt, **kw)
     sbh = s * b * h
     assert layer() == pytest.approx(sbh * (34 + 5 * a * s / h))  # eq. 1
     assert layer(tp=t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))  # eq. 2
@@ -270,7 +276,7 @@ def test_runs_without_torch():
             "from foundry.cli import main\n"
             "assert main(['plan', 'llama3-8b', '--tokens', '15T', '--gpus', '64', '--json']) == 0\n"
             "assert main(['plan', '--budget-dollars', '1M']) == 0\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -283,8 +289,8 @@ def test_runs_without_torch():
     (["tiny", "--micro-batch", "0"], "--micro-batch must be positive, got 0"),
     (["--budget-flops=-1e20"], "--budget-flops must be positive"),
     (["tiny", "--tokens", "lots"], "--tokens must be a number such as 7e9 or 7B, got 'lots'"),
-    (["tiny", "--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'; known: a100-40gb, a100-80gb, h100-sxm, "
-                                       "h100-pcie, h200, b200, mi300x, l4, cpu"),
+    (["tiny", "--hardware", "tpu-v9"], ("unknown hardware 'tpu-v9'; known: a100-40gb, a100-80gb, h100-sxm, "
+                                        "h100-pcie, h800, h200, b200, mi300x, l4, cpu")),
     (["tiny", "--gpus", "16", "--dp", "2", "--tp", "4"],
      "layout dp x tp x pp = 2 x 4 x 1 = 8 does not equal --gpus 16"),
     (["tiny", "--gpus", "10", "--tp", "4"], "--gpus 10 is not a multiple of tp x pp = 4 x 1 = 4"),

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp", type=int, help="data-parallel degree (default --gpus / (tp x pp))")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel degree for a mixture of experts: the routed experts' states split over "
+                        "ep of the data-parallel ranks (default 1)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the data-parallel ranks")
     p.add_argument("--fsdp", choices=("full", "grad-op"), help="FSDP sharding: full = ZeRO-3, grad-op = ZeRO-2")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -46,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fused (Megatron-style) or PyTorch eager activation accounting (default fused)")
     p.add_argument("--precision", choices=("bf16-mixed", "fp32"), default="bf16-mixed",
                    help="bf16-mixed: 2+2+12 bytes/parameter with Adam; fp32: 4+4+8 (default bf16-mixed)")
-    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation, 0-1 (default: the hardware's, from published runs)")
+    p.add_argument("--mfu", type=float,
+                   help="model-FLOPs utilisation, 0-1 (default: the hardware's, from published runs)")
     p.add_argument("--price", type=float, help="$ per device-hour (default: the catalog's indicative rate)")
     p.add_argument("--seq-len", type=int, help="training sequence length (default min(4096, model maximum))")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
@@ -74,7 +78,8 @@ def print_plan(plan: dict[str, Any], as_json: bool = False) -> None:
     hw, lay = plan["hardware"], plan["layout"]
     head = f"[bold]{_model_line(plan['model'])}[/] on {lay['gpus']} x {hw['label']}"
     if "training" in plan:
-        head += (f": dp {lay['dp']}, tp {lay['tp']}, pp {lay['pp']}, ZeRO {lay['zero']}, "
+        ep = f", ep {lay['ep']}" if plan["model"].get("experts") else ""
+        head += (f": dp {lay['dp']}, tp {lay['tp']}, pp {lay['pp']}{ep}, ZeRO {lay['zero']}, "
                  f"recompute {lay['recompute']}, seq {lay['seq_len']}, micro-batch {lay['micro_batch']}")
     console.print(head)
     for title, rows in _sections(plan):
@@ -100,6 +105,7 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]
             ("predicted loss", loss, "loss law in the notes")]))
         fits = "n/a" if m["activations"] is None else ("yes" if m["fits"] else "NO")
         rows = [(k, _bytes(m[k]), "") for k in ("weights", "gradients", "optimizer")]
+        rows += _expert_rows(plan)
         rows += [("activations", _bytes(m["activations"]), f"Korthikanti et al. 2022, {lay['kernels']} kernels"),
                  ("total", _bytes(m["total"]), f"of {_bytes(m['capacity'])}"),
                  ("fits", fits, "" if m["max_micro_batch"] is None else f"largest micro-batch {m['max_micro_batch']}")]
@@ -121,8 +127,8 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]
         per_device = f"{_bytes(i['weights_per_device'])} on each of {i['replica_devices']}"
         rows = [("weights", _bytes(i["weights"]), per_device)]
         if i["kv_per_token"]:
-            rows += [("KV cache", f"{_bytes(i['kv_per_token'])}/token", f"{_bytes(i['kv_per_request'])} per "
-                                                                         f"{i['context']}-token request"),
+            request = f"{_bytes(i['kv_per_request'])} per {i['context']}-token request"
+            rows += [("KV cache", f"{_bytes(i['kv_per_token'])}/token", request),
                      ("largest batch", str(i["max_batch"]), f"at context {i['context']}")]
         rows.append(("decode, batch 1", f"{i['decode_tokens_per_s_batch1']:,.0f} tokens/s",
                      f"{i['bound_batch1']}-bound ceiling"))
@@ -131,6 +137,17 @@ def _sections(plan: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]
                      ("$ per million tokens", _usd(i["dollars_per_million_tokens"]), "at the full-batch ceiling")]
         out.append(("Inference", rows))
     return out
+
+
+def _expert_rows(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The model states split into the routed experts' (over ep) and the rest's, for a mixture of experts."""
+    m, model, lay = plan["memory"], plan["model"], plan["layout"]
+    if not m.get("routed_expert_params"):
+        return []
+    share = m["routed_expert_params"] / model["params"]
+    return [("  routed experts", _bytes(m["expert_states"]),
+             f"weights + gradients + optimizer; {share:.1%} of the parameters, split over ep {lay['ep']}"),
+            ("  the rest", _bytes(m["dense_states"]), "attention, dense layers, embeddings, routers, shared experts")]
 
 
 def _model_line(model: dict[str, Any]) -> str:

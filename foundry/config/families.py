@@ -202,7 +202,7 @@ def _write_qwen2_moe(config: "ModelConfig", out: dict[str, Any]) -> None:
 
 def _read_deepseek(raw: dict[str, Any], kw: dict[str, Any]) -> None:
     for key, allowed in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
-        if raw.pop(key, allowed) != allowed:
+        if raw.get(key, allowed) != allowed:  # checked, and left in `extra` to be written back as it came
             raise UserError(f"config.json: DeepSeek-V3 with {key}={raw.get(key)!r} is not supported "
                             f"(only {allowed!r})")
     kw["shared_expert_intermediate_size"] = raw.pop("n_shared_experts") * raw["moe_intermediate_size"]
@@ -239,6 +239,8 @@ def _write_deepseek(config: "ModelConfig", out: dict[str, Any]) -> None:
                         "experts wide (n_shared_experts)")
     out["n_shared_experts"] = config.shared_expert_intermediate_size // config.expert_size
     out["head_dim"] = config.head_dim  # transformers 5 sets it to qk_rope_head_dim
+    if config.rope_scaling:  # DeepSeek's own modelling code (trust_remote_code) reads the legacy `type` key
+        out["rope_scaling"] = {**config.rope_scaling, "type": config.rope_scaling["rope_type"]}
 
 
 _QWEN_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_sliding_window": False,
@@ -270,7 +272,7 @@ FAMILIES: tuple[Family, ...] = (
            features=frozenset({"sliding_window", "layer_types"}), read=_read_qwen, write=_write_qwen,
            defaults={**_QWEN_DEFAULTS, "attention_bias": False}),
     Family("Mixtral", ("MixtralForCausalLM",), "mixtral",
-           {**_keys("attention_bias", "mlp_bias"), "num_local_experts": "num_experts",
+           {**_keys("attention_bias", "mlp_bias", "head_dim"), "num_local_experts": "num_experts",
             "num_experts_per_tok": "num_experts_per_tok", "router_aux_loss_coef": "router_aux_loss_coef"},
            features=frozenset({"sliding_window"}), read=_read_phi3, write=_write_mistral,
            defaults={"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": None,

@@ -72,7 +72,7 @@ PRESETS: dict[str, ModelConfig] = {
                                num_key_value_heads=128, head_dim=64, intermediate_size=18432, num_experts=256,
                                num_experts_per_tok=8, moe_intermediate_size=2048, shared_expert_intermediate_size=2048,
                                router_scoring="sigmoid", norm_topk_prob=True, router_correction_bias=True,
-                               router_groups=8, router_topk_groups=4, routed_scaling_factor=2.5,
+                               router_fp32=True, router_groups=8, router_topk_groups=4, routed_scaling_factor=2.5,
                                first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
                                v_head_dim=128, rope_interleave=True, rope_theta=10000.0,
                                rope_scaling=dict(_DEEPSEEK_V3_YARN), rms_norm_eps=1e-6,

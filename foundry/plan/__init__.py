@@ -4,8 +4,20 @@ Pure arithmetic over `ModelConfig`; never imports torch, so `foundry plan` runs 
 installed. May import only `foundry.config` and `foundry.core`.
 """
 
-from foundry.plan.planner import (PlanRequest, activation_bytes, layer_activation_bytes, make_plan,
-                                  model_state_bytes, parse_count)
+from foundry.plan.planner import (
+    PlanRequest,
+    activation_bytes,
+    layer_activation_bytes,
+    make_plan,
+    model_state_bytes,
+    parse_count,
+)
 
-__all__ = ["PlanRequest", "make_plan", "parse_count", "model_state_bytes", "layer_activation_bytes",
-           "activation_bytes"]
+__all__ = [
+    "PlanRequest",
+    "activation_bytes",
+    "layer_activation_bytes",
+    "make_plan",
+    "model_state_bytes",
+    "parse_count",
+]

@@ -83,5 +83,13 @@ def expert_parallel_note(layout: dict) -> str:
             "rest as a dense model's; all-to-all dispatch time is inside the MFU")
 
 
-__all__ = ["routed_expert_params", "check_expert_parallel", "attention_widths", "mean_mlp_width",
-           "mean_routed_copies", "kv_cache_bytes_per_token", "moe_note", "expert_parallel_note"]
+__all__ = [
+    "attention_widths",
+    "check_expert_parallel",
+    "expert_parallel_note",
+    "kv_cache_bytes_per_token",
+    "mean_mlp_width",
+    "mean_routed_copies",
+    "moe_note",
+    "routed_expert_params",
+]

@@ -4,7 +4,8 @@ Peak figures are dense (no 2:4 sparsity) bf16 tensor throughput from the vendors
 Memory is the marketed capacity read as 10**9 bytes: about 7% less than the HBM's binary size,
 a margin that stands in for the CUDA context, workspaces and allocator fragmentation.
 Prices are indicative on-demand cloud rates (late 2025); they vary twofold between providers,
-so override them with --price. Imports nothing beyond the standard library (numpy lazily).
+so override them with --price (the H800's is the rate the DeepSeek-V3 report assumes). Imports nothing
+beyond the standard library (numpy lazily).
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ LLAMA3_MFU = "Llama 3 405B on 8-16K H100s: 38-43% bf16 MFU (Llama Team 2024, arX
 MEGATRON_MFU = ("GPT-3 175B on A100s: 51.4% MFU with selective recompute "
                 "(Korthikanti et al. 2022, arXiv:2205.05198; table in Megatron-LM's README)")
 ASSUMED = "no large published run; assumed"
+# DeepSeek-AI 2024 (DeepSeek-V3 Technical Report, arXiv:2412.19437), Sec. 1: pre-training "each trillion tokens
+# needs 180K H800 GPU hours", at its 4K context; 1e12 / (180e3 * 3600) = 1,543 tokens/s per GPU. The planner counts
+# 2.867e11 FLOPs per token for DeepSeek-V3 at 4K (6 x 37.55B active parameters + PaLM's attention term
+# 6*L*H*(Q_k + Q_v)*T = 6.14e10), so the run achieved 1,543 x 2.867e11 = 442 TFLOP/s per GPU: 44.7% of the bf16 dense
+# peak, 22% of the FP8 one. The run is FP8 mixed precision (FP8 GEMMs; attention, norms, the router, embeddings
+# and the optimizer in BF16/FP32), so the bf16 peak is the one quoted, as for every other entry; 6N alone would be
+# 35%. tests/test_plan_moe.py re-derives this figure from the report's numbers.
+DEEPSEEK_V3_MFU = ("DeepSeek-V3 on 2048 H800s (arXiv:2412.19437): 180K GPU-hours per 1T tokens = 1,543 tokens/s/GPU; "
+                   "x 2.87e11 FLOPs/token (6 x 37.6B active + attention at 4K) = 442 TFLOP/s = 44.7% of the bf16 "
+                   "dense peak (FP8 training; 22% of the FP8 peak)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,9 @@ CATALOG: dict[str, Hardware] = {h.name: h for h in (
     Hardware("h100-pcie", "NVIDIA H100 PCIe 80GB", 756e12, 80e9, 2.0e12, 2.49, 0.40,
              f"{LLAMA3_MFU}, carried over from SXM",
              "NVIDIA H100 datasheet: 1,513 TFLOPS bf16 with sparsity, half dense; 2.0 TB/s HBM2e"),
+    Hardware("h800", "NVIDIA H800 SXM 80GB", 989.4e12, 80e9, 3.35e12, 2.00, 0.45, DEEPSEEK_V3_MFU,
+             "NVIDIA H800 SXM: H100 SXM compute (989 TFLOPS bf16 dense, 1,979 FP8 dense), NVLink cut to 400 GB/s, "
+             "80 GB HBM3 at 3.35 TB/s; $2/GPU-hour as DeepSeek-V3's report assumes"),
     Hardware("h200", "NVIDIA H200 SXM 141GB", 989.4e12, 141e9, 4.8e12, 3.79, 0.40,
              f"{LLAMA3_MFU}, same compute as H100",
              "NVIDIA H200 datasheet: H100 compute, 141 GB HBM3e at 4.8 TB/s"),
@@ -64,7 +78,7 @@ CATALOG: dict[str, Hardware] = {h.name: h for h in (
 )}
 
 ALIASES = {"a100": "a100-80gb", "a100-40": "a100-40gb", "a100-80": "a100-80gb", "h100": "h100-sxm",
-           "h100sxm": "h100-sxm", "h100pcie": "h100-pcie", "mi300": "mi300x"}
+           "h100sxm": "h100-sxm", "h100pcie": "h100-pcie", "h800-sxm": "h800", "h800sxm": "h800", "mi300": "mi300x"}
 CPU_PRICE_PER_CORE_HOUR = 0.04  # indicative on-demand general-purpose vCPU rate
 NAMES = (*CATALOG, "cpu")
 
@@ -124,4 +138,4 @@ def _best_seconds(fn, repeats: int = 3) -> float:
     return max(best, 1e-9)
 
 
-__all__ = ["Hardware", "CATALOG", "NAMES", "lookup", "with_overrides", "measure_cpu"]
+__all__ = ["CATALOG", "NAMES", "Hardware", "lookup", "measure_cpu", "with_overrides"]

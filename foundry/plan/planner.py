@@ -34,7 +34,7 @@ FSDP = {"full": 3, "grad-op": 2}
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
-def parse_count(value: str | float | int | None, flag: str) -> float | None:
+def parse_count(value: str | float | None, flag: str) -> float | None:
     """'7B', '15.6T', '3e23', 1e9 -> a positive float; UserError naming `flag` otherwise."""
     if value is None:
         return None
@@ -52,7 +52,7 @@ def parse_count(value: str | float | int | None, flag: str) -> float | None:
     return number
 
 
-def _positive(flag: str, value: float | int | None) -> None:
+def _positive(flag: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise UserError(f"{flag} must be positive, got {value:g}")
 
@@ -106,9 +106,9 @@ def activation_bytes(config: ModelConfig, *, seq: int, micro_batch: int, tp: int
     Layers are averaged: a mixture of experts' token runs through k experts (and a shared one) in its sparse
     layers, the dense width in the others; latent attention keeps its expanded per-head K and V."""
     q_width, kv_width = experts.attention_widths(config)
-    common = dict(q_width=q_width, kv_width=kv_width, ffn_width=experts.mean_mlp_width(config), tp=tp,
-                  sequence_parallel=sequence_parallel, elem=elem, kernels=kernels,
-                  routed_copies=experts.mean_routed_copies(config))
+    common = {"q_width": q_width, "kv_width": kv_width, "ffn_width": experts.mean_mlp_width(config), "tp": tp,
+              "sequence_parallel": sequence_parallel, "elem": elem, "kernels": kernels,
+              "routed_copies": experts.mean_routed_copies(config)}
     shape = (seq, micro_batch, config.hidden_size, config.num_attention_heads)
     per_layer = layer_activation_bytes(*shape, recompute=recompute, **common)
     layers = config.num_hidden_layers
@@ -277,7 +277,8 @@ def _describe_model(config: ModelConfig | None, source: str | None, params: floa
             "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "head_dim": config.head_dim, "vocab_size": config.vocab_size, "experts": config.num_experts,
-            "experts_per_token": config.num_experts_per_tok, "routed_expert_params": experts.routed_expert_params(config),
+            "experts_per_token": config.num_experts_per_tok,
+            "routed_expert_params": experts.routed_expert_params(config),
             "kv_lora_rank": config.kv_lora_rank}
 
 
@@ -312,7 +313,7 @@ def _memory(config, params, hw: Hardware, layout, notes) -> dict[str, Any]:
     # The routed experts are split over ep on top of tp x pp, and ZeRO shards them over the dp / ep ranks that hold
     # the same experts (Megatron's expert data parallelism); everything else is laid out as in a dense model.
     routed = experts.routed_expert_params(config)
-    common = dict(zero=layout["zero"], precision=layout["precision"])
+    common = {"zero": layout["zero"], "precision": layout["precision"]}
     model_parallel, ep = layout["tp"] * layout["pp"], layout["ep"]
     dense = model_state_bytes(params - routed, dp=layout["dp"], model_parallel=model_parallel, **common)
     expert = model_state_bytes(routed, dp=layout["dp"] // ep, model_parallel=model_parallel * ep, **common)
@@ -390,5 +391,11 @@ def _sizing(budget_flops, budget_dollars, hw: Hardware, layout, law) -> dict[str
             "cost": device_hours * hw.price_per_hour}
 
 
-__all__ = ["PlanRequest", "make_plan", "parse_count", "model_state_bytes",
-           "layer_activation_bytes", "activation_bytes"]
+__all__ = [
+    "PlanRequest",
+    "activation_bytes",
+    "layer_activation_bytes",
+    "make_plan",
+    "model_state_bytes",
+    "parse_count",
+]

@@ -97,5 +97,13 @@ def optimal_tokens_for(params: float) -> float:
     return optimal_flops_for(params) / (6 * params)
 
 
-__all__ = ["LossLaw", "LAWS", "DEFAULT_LAW", "loss_law", "compute_optimal", "optimal_flops_for",
-           "optimal_tokens_for", "TABLE3_SOURCE"]
+__all__ = [
+    "DEFAULT_LAW",
+    "LAWS",
+    "TABLE3_SOURCE",
+    "LossLaw",
+    "compute_optimal",
+    "loss_law",
+    "optimal_flops_for",
+    "optimal_tokens_for",
+]
