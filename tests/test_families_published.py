@@ -167,6 +167,21 @@ PUBLISHED = {
          'tie_word_embeddings': False, 'topk_group': 4, 'topk_method': 'noaux_tc', 'torch_dtype': 'bfloat16',
          'transformers_version': '4.33.1', 'use_cache': True, 'v_head_dim': 128, 'vocab_size': 129280},
         None),
+    "DeepSeek-V2-Lite": (
+        {'architectures': ['DeepseekV2ForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+         'aux_loss_alpha': 0.001, 'bos_token_id': 100000, 'eos_token_id': 100001, 'first_k_dense_replace': 1,
+         'hidden_act': 'silu', 'hidden_size': 2048, 'initializer_range': 0.02, 'intermediate_size': 10944,
+         'kv_lora_rank': 512, 'max_position_embeddings': 163840, 'model_type': 'deepseek_v2',
+         'moe_intermediate_size': 1408, 'moe_layer_freq': 1, 'n_group': 1, 'n_routed_experts': 64,
+         'n_shared_experts': 2, 'norm_topk_prob': False, 'num_attention_heads': 16, 'num_experts_per_tok': 6,
+         'num_hidden_layers': 27, 'num_key_value_heads': 16, 'pretraining_tp': 1, 'q_lora_rank': None,
+         'qk_nope_head_dim': 128, 'qk_rope_head_dim': 64, 'rms_norm_eps': 1e-06,
+         'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 0.707, 'mscale_all_dim': 0.707,
+                          'original_max_position_embeddings': 4096, 'type': 'yarn'},
+         'rope_theta': 10000, 'routed_scaling_factor': 1.0, 'scoring_func': 'softmax', 'seq_aux': True,
+         'tie_word_embeddings': False, 'topk_group': 1, 'topk_method': 'greedy', 'torch_dtype': 'bfloat16',
+         'transformers_version': '4.33.1', 'use_cache': True, 'v_head_dim': 128, 'vocab_size': 102400},
+        None),
 }
 
 # name -> (total, active) as the makers publish them, in billions, and how they rounded their exact counts.
@@ -235,6 +250,15 @@ def test_moe_total_and_active_counts_are_the_published_ones(name):
     assert _billions(config.num_params(), digits, rule) == total
     assert _billions(config.num_params(active_only=True), digits, rule) == active
     assert config.num_params(active_only=True) < config.num_params() / 3  # a real sparsity, not a rounding
+
+
+def test_deepseek_v2_lite_is_15_7b_with_2_4b_active():
+    # The card: "15.7B parameters in total, 2.4B activated". Active here counts both embedding tables, as 6N does
+    # (2.66B); without the input table, a lookup, it is the card's 2.45B.
+    config = ModelConfig.from_hf_dict(PUBLISHED["DeepSeek-V2-Lite"][0])
+    assert round(config.num_params() / 1e9, 1) == 15.7
+    lookup = config.vocab_size * config.hidden_size
+    assert math.floor((config.num_params(active_only=True) - lookup) / 1e8) / 10 == 2.4
 
 
 def test_deepseek_v3_is_671b_without_its_multi_token_prediction_module():

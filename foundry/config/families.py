@@ -211,6 +211,9 @@ def _read_deepseek(raw: dict[str, Any], kw: dict[str, Any]) -> None:
 
 
 def _read_deepseek_v2(raw: dict[str, Any], kw: dict[str, Any]) -> None:
+    for key, allowed in (("scoring_func", "softmax"), ("moe_layer_freq", 1)):
+        if raw.get(key, allowed) != allowed:  # checked, and left in `extra` to be written back as it came
+            raise UserError(f"config.json: DeepSeek-V2 with {key}={raw.get(key)!r} is not supported (only {allowed!r})")
     method = raw.pop("topk_method")
     if method not in ("greedy", "group_limited_greedy"):
         raise UserError(f"config.json: DeepSeek-V2 with topk_method={method!r} is not supported "
@@ -230,7 +233,7 @@ def _write_deepseek_v2(config: "ModelConfig", out: dict[str, Any]) -> None:
     _write_deepseek(config, out)
     grouped = config.router_groups > 1
     out["topk_method"] = "group_limited_greedy" if grouped else "greedy"
-    out["n_group"], out["topk_group"] = (config.router_groups, config.router_topk_groups) if grouped else (None, None)
+    out["n_group"], out["topk_group"] = config.router_groups, config.router_topk_groups  # 1 and 1: not grouped
 
 
 def _write_deepseek(config: "ModelConfig", out: dict[str, Any]) -> None:
