@@ -86,7 +86,11 @@ def test_refusal_accepts_a_shardable_model():
     ({"intermediate_size": 390, "num_key_value_heads": 4}, 4, 512, ["intermediate_size", "(390)"]),
     ({}, 2, 511, ["--seq-len (511)", "multiple of 2"]),
     ({"architecture": "Qwen3ForCausalLM", "model_type": "qwen3", "qk_norm": "head"}, 2, 512, ["qk_norm", "drop --tp"]),
-    ({"num_experts": 8, "num_experts_per_tok": 2}, 2, 512, ["8 experts", "drop --tp"]),
+    ({"architecture": "MixtralForCausalLM", "model_type": "mixtral", "num_experts": 8, "num_experts_per_tok": 2},
+     2, 512, ["8 experts", "drop --tp"]),
+    ({"architecture": "DeepseekV3ForCausalLM", "model_type": "deepseek_v3", "router_scoring": "sigmoid",
+      "router_correction_bias": True, "rope_interleave": True, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+      "v_head_dim": 16}, 2, 512, ["latent attention", "drop --tp"]),
     ({}, 0, 512, ["positive integer", "0"]),
 ])
 def test_refusal_names_the_numbers_and_the_fix(change, tp, seq_len, words):

@@ -38,6 +38,9 @@ def _shape_refusal(config: ModelConfig, tp: int) -> str | None:
     if config.num_experts:
         return (f"--tp {tp}: mixture-of-experts models ({config.num_experts} experts) have no tensor-parallel plan "
                 "yet; drop --tp")
+    if config.kv_lora_rank:
+        return (f"--tp {tp}: latent attention ({config.architecture}, kv_lora_rank={config.kv_lora_rank}) has no "
+                "tensor-parallel plan yet; drop --tp")
     if config.qk_norm is not None:
         return (f"--tp {tp}: {config.architecture} normalises queries and keys (qk_norm={config.qk_norm!r}), whose "
                 "norm weights would need a tensor-parallel plan of their own that foundry does not have yet; "
