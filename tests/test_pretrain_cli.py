@@ -21,8 +21,9 @@ OTHER_VALUES = {
     "beta2": 0.99, "grad_clip": 0.5, "seed": 11, "eval_every": 9, "eval_batches": 3, "final_eval_batches": 5,
     "save_every": 6, "keep_checkpoints": 4, "log_every": 2, "time_budget": 12.5, "skip_nonfinite": 3,
     "compile": True, "activation_checkpointing": "selective", "precision": "bf16", "fast_fp32": "off",
-    "device": "cpu", "parallel": "ddp", "tp": 2, "dp": 3, "reshard_after_forward": False, "dist_timeout": 30.0,
+    "device": "cpu", "parallel": "ddp", "tp": 2, "dp": 3, "ep": 2, "reshard_after_forward": False, "dist_timeout": 30.0,
     "resume": True, "overwrite": True, "allow_changes": True,
+    "moe_aux_loss_coef": 0.05, "moe_z_loss_coef": 0.001, "moe_bias_update_rate": 0.01,
 }
 
 

@@ -84,6 +84,8 @@ def run_demo(out: str | Path, time_budget: float | None = 300.0, preset_name: st
                   f"({base.perplexity / val.perplexity:.1f}x higher)")
     console.print(f"model directory: {result.checkpoint}")
     console.print(f"loss curve: {result.run_dir / 'loss.png'}")
+    if (result.run_dir / "expert_load.png").is_file():  # a mixture-of-experts preset (moe-tiny)
+        console.print(f"expert load: {result.run_dir / 'expert_load.png'}")
 
     console.rule("[bold]5. a sample")
     loaded = hub.load(result.checkpoint)
@@ -118,7 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds of pretraining")
     p.add_argument("--steps", type=int, default=None,
                    help="train exactly this many steps instead of fitting the run to --time-budget")
-    p.add_argument("--model", default="mini", help="preset to pretrain")
+    p.add_argument("--model", default="mini", help="preset to pretrain (moe-tiny: a mixture of experts)")
     p.add_argument("--corpus", nargs="+", default=None, metavar="SOURCE",
                    help="what to train on: stdlib, stdlib-all (generated data modules too), files or "
                         "directories (default: stdlib)")

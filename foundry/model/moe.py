@@ -108,7 +108,10 @@ class SparseMoE(nn.Module):
         order = experts.reshape(-1).argsort(stable=True)
         counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).tolist()
         token = order // k
-        outputs = [self.experts[e](chunk) for e, chunk in enumerate(x[token].split(counts)) if counts[e]]
+        # Under autograd every expert runs, an empty one on zero rows: each parameter then gets a gradient (zeros),
+        # which data-parallel reducers wait for from every rank.
+        every = torch.is_grad_enabled()
+        outputs = [self.experts[e](chunk) for e, chunk in enumerate(x[token].split(counts)) if counts[e] or every]
         scaled = (torch.cat(outputs).float() * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, scaled)
 

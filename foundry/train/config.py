@@ -48,6 +48,12 @@ class TrainConfig:
     beta1: float = _setting(0.9, "AdamW beta1")
     beta2: float = _setting(0.95, "AdamW beta2")
     grad_clip: float = _setting(1.0, "gradient-norm clipping threshold")
+    moe_aux_loss_coef: float | None = _setting(None, "mixture of experts: weight of the load-balancing loss added "
+                                               "to the training loss (none: the model config's "
+                                               "router_aux_loss_coef)", metavar="X")
+    moe_z_loss_coef: float = _setting(0.0, "mixture of experts: weight of the router z-loss (ST-MoE suggests 1e-3)")
+    moe_bias_update_rate: float = _setting(0.001, "mixture of experts with a routing correction bias (DeepSeek-V3): "
+                                           "its step towards balanced loads after each optimizer step (0: off)")
     seed: int = _setting(1337, "seed for initialisation and data order")
     eval_every: int = _setting(100, "steps between validation evaluations (0: only at the end)")
     eval_batches: int = _setting(20, "validation batches per periodic evaluation (0: the whole split)")
@@ -76,6 +82,9 @@ class TrainConfig:
     tp: int = _setting(1, "tensor-parallel degree: each layer's heads and hidden units split over this many "
                        "neighbouring ranks, with sequence parallelism between them")
     dp: int = _setting(0, "data-parallel degree (0: the world size divided by --tp)")
+    ep: int = _setting(1, "expert-parallel degree: each mixture-of-experts layer's experts split over groups of "
+                       "this many data-parallel ranks, tokens sent to their experts by all-to-all (must divide "
+                       "the experts and the data-parallel ranks; with --parallel ddp)")
     reshard_after_forward: bool = _setting(True, "fsdp: free each layer's gathered weights after its forward pass "
                                            "(less memory, one more all-gather per layer in backward)")
     dist_timeout: float = _setting(600.0, "seconds a rank waits for the others in a collective before the job "
@@ -89,7 +98,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):  # older run.yaml files hold a switch
             self.activation_checkpointing = "full" if self.activation_checkpointing else "off"
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "tp"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "tp", "ep"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup", "skip_nonfinite", "eval_every", "save_every", "log_every", "eval_batches",
@@ -98,6 +107,9 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+            if (getattr(self, name) or 0) < 0:
+                raise UserError(f"--{flag_name(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
@@ -160,7 +172,7 @@ ACTIONS = frozenset({"resume", "overwrite", "allow_changes"})
 # which is what extending a run means).
 FREE_ON_RESUME = frozenset({"steps", "out", "device", "compile", "activation_checkpointing", "log_every",
                             "eval_every", "eval_batches", "final_eval_batches", "save_every", "keep_checkpoints",
-                            "parallel", "tp", "dp", "reshard_after_forward", "dist_timeout"})
+                            "parallel", "tp", "dp", "ep", "reshard_after_forward", "dist_timeout"})
 
 # Fixed by the checkpoint itself, even with --allow-changes.
 FIXED_ON_RESUME = {

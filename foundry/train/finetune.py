@@ -45,9 +45,9 @@ def _locate_and_check(cfg: TrainConfig, ft: FinetuneConfig):
 
 def _check_layout(cfg: TrainConfig, world: World) -> None:
     """Fine-tuning runs data-parallel as DDP replicas; sharded layouts are pretraining's for now."""
-    if world.tp > 1 or (world.dp > 1 and cfg.parallel == "fsdp"):
+    if world.tp > 1 or world.ep > 1 or (world.dp > 1 and cfg.parallel == "fsdp"):
         raise UserError("foundry finetune trains across processes as DDP replicas (--parallel ddp, what auto means "
-                        "here); --parallel fsdp and --tp are not built for the recipes yet: drop them")
+                        "here); --parallel fsdp, --tp and --ep are not built for the recipes yet: drop them")
 
 
 def prepare_finetune(cfg: TrainConfig, ft: FinetuneConfig, notes: list[str] | None = None,

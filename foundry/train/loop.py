@@ -20,10 +20,12 @@ from foundry.train.budget import TimeBudget
 from foundry.train.checkpoint import load_trainer_state, restore_rng_states, rng_states, save_checkpoint
 from foundry.train.config import TrainConfig
 from foundry.train.loss import CausalLMLoss, NonFiniteLoss
-from foundry.train.metrics import MetricsLog, plot_losses, plot_title, read_metrics
+from foundry.train.metrics import MetricsLog, plot_expert_load, plot_losses, plot_title, read_metrics
+from foundry.train.moe_balance import MoETraining
 from foundry.train.parallel.apply import data_parallel_strategy, parallelize
 from foundry.train.parallel.checkpoint import (load_full_optimizer_state, load_sharded_checkpoint,
                                                save_sharded_checkpoint)
+from foundry.train.parallel.expert_checkpoint import full_optimizer_state, gathered_experts, load_optimizer_state
 from foundry.train.parallel.gradients import clip_grad_norm
 from foundry.train.parallel.materialize import is_on_meta, materialize
 from foundry.train.parallel.world import DistributedFailure, World, first_sentence, is_communication_error
@@ -128,6 +130,9 @@ class _Run:
         if is_on_meta(self.model):  # a sharded layout's model gets its storage only now, each rank its share
             materialize(self.model, self.device, self._starting_weights())
         self.optimizer = _optimizer(self.model, cfg)  # over the laid-out (sharded) parameters
+        # Mixture-of-experts layers: balancing losses, DeepSeek's bias update, expert loads (None: a dense model).
+        self.moe = MoETraining.of(self.model, cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef, cfg.moe_bias_update_rate)
+        self.moe_figures: dict[str, Any] = {}  # the newest step's
         self.step, self.total_steps, self.tokens, self.elapsed_before = 0, cfg.steps, 0, 0.0
         self.budget_fitted, self.skipped = False, 0
         self.last_finite: tuple[int, float] | None = None  # (step, loss) of the newest finite loss
@@ -164,8 +169,8 @@ class _Run:
             load_sharded_checkpoint(self.setup.resume_from, self.model, self.optimizer)
         elif self.sharded:  # a one-process or DDP checkpoint resumed sharded: the full state, by name
             load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # expert parallel: each rank keeps its experts' share
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         restore_rng_states(state)
         self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -193,6 +198,8 @@ class _Run:
                 ending = (f"? (as many as {cfg.time_budget:g}s allow, at most {self.total_steps})" if fitting
                           else self.total_steps)
                 trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                if self.world.ep > 1:  # this rank holds only its share of the experts; all of them train
+                    trainable = setup.param_count
                 share = f" of {setup.param_count:,}" if trainable != setup.param_count else ""
                 self.progress.note(f"training {trainable:,}{share} parameters on {self._where()} "
                                    f"({'bf16 autocast' if setup.bf16 else 'fp32'}), {cfg.tokens_per_step:,} "
@@ -205,6 +212,8 @@ class _Run:
         finally:
             self.progress.close()
             self.metrics.close()
+            if self.moe is not None:
+                self.moe.close()
         return self._result()
 
     def _finish(self, stop: _StopRequest) -> None:
@@ -233,6 +242,8 @@ class _Run:
         layout = f"{self.strategy} over {self.world.dp} data-parallel ranks" if self.strategy != "none" else ""
         if self.world.tp > 1:
             layout = f"{layout}{', ' if layout else ''}tensor parallel {self.world.tp}-way"
+        if self.world.ep > 1:
+            layout = f"{layout}, experts split {self.world.ep}-way"
         return f"{self.world.size} processes on {self.device.type} ({layout})"
 
     @contextmanager
@@ -291,8 +302,8 @@ class _Run:
         shares = self._loss_shares(batches)
         for micro, (batch, share) in enumerate(zip(batches, shares)):
             with self._gradient_sync(micro == cfg.grad_accum - 1), self.autocast:
-                loss = self.loss_of(*batch)
-                (loss / cfg.grad_accum if share is None else loss * share).backward()
+                loss, objective = self._micro_batch_loss(batch)
+                (objective / cfg.grad_accum if share is None else objective * share).backward()
             step_loss += loss.item() / cfg.grad_accum if share is None else loss.item() * share / self.world.dp
         step_loss = self.world.mean([step_loss])[0] * (1 if shares[0] is None else self.world.dp)
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
@@ -300,10 +311,23 @@ class _Run:
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.moe is not None:  # the step's loads over every rank; the routing biases move after an update
+            self.moe_figures = self.moe.end_step(updated=finite)
         self.step += 1
         self.tokens += cfg.tokens_per_step
         self.losses.append(step_loss)
         return lr, step_loss, grad_norm, finite
+
+    def _micro_batch_loss(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the objective's loss, what is differentiated): the same for a dense model; a mixture of experts adds
+        its weighted balancing losses to the second (the logged loss stays the objective's)."""
+        if self.moe is None:
+            loss = self.loss_of(*batch)
+            return loss, loss
+        with self.moe.recording():
+            loss = self.loss_of(*batch)
+        extra = self.moe.extra_loss()
+        return loss, loss if extra is None else loss + extra
 
     def _loss_shares(self, batches: list[list[torch.Tensor]]) -> list[float | None]:
         """Each micro-batch's factor on its mean loss so that the step's gradient is that of the mean over every
@@ -334,7 +358,7 @@ class _Run:
         if finite:
             self.last_finite = (self.step, loss)
             self.unlogged = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
-                             "grad_norm": grad_norm, "elapsed": round(self.elapsed(), 3)}
+                             "grad_norm": grad_norm, "elapsed": round(self.elapsed(), 3), **self.moe_figures}
             if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total_steps:
                 self._write_unlogged()
         else:
@@ -458,7 +482,7 @@ class _Run:
                          **rng_states(), "skipped_nonfinite": self.skipped, "last_finite": self.last_finite,
                          "train_config": cfg.to_dict(), "world_size": self.world.size, "layout": self._where()}
         if not self.sharded:  # a sharded run's optimizer state goes with its weights, each rank its share
-            trainer_state["optimizer"] = self.optimizer.state_dict()
+            trainer_state["optimizer"] = full_optimizer_state(self.model, self.optimizer)  # whole on rank 0
         evaluation = {}
         if val is not None:
             evaluation = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_tokens": val.tokens,
@@ -471,15 +495,19 @@ class _Run:
             self.checkpoint = save_sharded_checkpoint(setup.run_dir, self.step, self.model, self.optimizer,
                                                       setup.tokenizer, trainer_state, meta, cfg.keep_checkpoints,
                                                       self.world)
-        else:  # one process, or DDP's identical replicas: rank 0 writes the whole model
-            self.checkpoint = Path(self.world.run_on_main(lambda: str(save_checkpoint(
-                setup.run_dir, self.step, self.model, setup.tokenizer, trainer_state, meta, cfg.keep_checkpoints,
-                setup.write_model))))
+        else:  # one process, or DDP's identical replicas (expert parallel: the experts gathered): rank 0 writes
+            with gathered_experts(self.model):
+                self.checkpoint = Path(self.world.run_on_main(lambda: str(save_checkpoint(
+                    setup.run_dir, self.step, self.model, setup.tokenizer, trainer_state, meta,
+                    cfg.keep_checkpoints, setup.write_model))))
         self.saved_step = self.step
         if self.world.is_main:
             plot_losses(setup.run_dir / "metrics.jsonl", setup.run_dir / "loss.png",
                         setup.baseline.loss if setup.baseline else None,
                         title=plot_title(cfg.model, setup.param_count, self.tokens))
+            if self.moe is not None:
+                plot_expert_load(setup.run_dir / "metrics.jsonl", setup.run_dir / "expert_load.png",
+                                 title=plot_title(cfg.model, setup.param_count, self.tokens))
         if self.budget is not None:
             self.budget.timed_save(time.perf_counter() - began)
 

@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log and a loss-curve PNG."""
+"""Training metrics: a JSONL log, a loss-curve PNG and (mixture of experts) an expert-load PNG."""
 
 from __future__ import annotations
 
@@ -101,3 +101,39 @@ def plot_losses(metrics_path: Path, out_png: Path, baseline: float | None = None
 
 def _count(tokens: int | None) -> str:
     return human_count(tokens) if tokens else "?"
+
+
+def plot_expert_load(metrics_path: Path, out_png: Path, title: str | None = None) -> None:
+    """A mixture of experts' routing, written atomically as a PNG: each MoE layer's imbalance (the busiest
+    expert's assignments over the mean; 1 is perfect balance) against tokens seen, beside a heat map of each
+    layer's share per expert at the last logged step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "expert_imbalance" in r]
+    fig, (lines, heat) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    if records:
+        tokens = [r["tokens"] for r in records]
+        for layer in range(len(records[-1]["expert_imbalance"])):
+            lines.plot(tokens, [r["expert_imbalance"][layer] for r in records], lw=1.3, label=f"MoE layer {layer}")
+        share = records[-1]["expert_share"]
+        image = heat.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+        heat.set_xlabel("expert")
+        heat.set_ylabel("MoE layer")
+        heat.set_xticks(range(len(share[0])))
+        heat.set_yticks(range(len(share)))
+        heat.set_title(f"share of assignments at step {records[-1]['step']:,}", fontsize=10)
+        fig.colorbar(image, ax=heat)
+        if len(share) <= 12:
+            lines.legend(fontsize=8)
+    lines.axhline(1.0, ls="--", color="grey", lw=1)
+    lines.set_xlabel("tokens seen")
+    lines.set_ylabel("imbalance (max / mean tokens per expert)")
+    lines.set_title(title or metrics_path.parent.name, fontsize=10)
+    lines.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

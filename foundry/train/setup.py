@@ -157,7 +157,7 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 def join_world(cfg: TrainConfig) -> World:
     """This process's place in the run: joins torchrun's process group when it started this process."""
-    return start_world(cfg.device, cfg.tp, cfg.dp, cfg.dist_timeout)
+    return start_world(cfg.device, cfg.tp, cfg.dp, cfg.dist_timeout, cfg.ep)
 
 
 def local_batch_size(cfg: TrainConfig, world: World) -> int:
@@ -176,6 +176,18 @@ def check_tensor_parallel(config: ModelConfig, cfg: TrainConfig, world: World) -
         refusal = tensor_parallel_refusal(config, world.tp, cfg.seq_len)
         if refusal:
             raise UserError(refusal)
+
+
+def check_expert_parallel(config: ModelConfig, cfg: TrainConfig, world: World) -> None:
+    """Refuse an --ep this model or the data-parallel strategy cannot run (before anything is written)."""
+    if world.ep > 1:
+        from foundry.train.parallel.apply import data_parallel_strategy
+        from foundry.train.parallel.expert_parallel import expert_parallel_refusal
+
+        refusal = expert_parallel_refusal(config, world.ep)
+        if refusal:
+            raise UserError(refusal)
+        data_parallel_strategy(cfg.parallel, world)  # refuses --parallel fsdp
 
 
 def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
@@ -200,6 +212,7 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
     val_shards = TokenShards(cfg.data, "val", tokenizer=tokenizer) if _has_split(cfg.data, "val") else None
     config, model_dir = _model_config(cfg, tokenizer, resume_from)
     check_tensor_parallel(config, cfg, world)
+    check_expert_parallel(config, cfg, world)
     loader = BatchLoader(train_shards, local_batch_size(cfg, world), cfg.seq_len, cfg.seed,
                          rank=world.dp_rank, world_size=world.dp)
     world.run_on_main(lambda: _make_run_dir(run_dir, resume_from is not None))  # the inputs have passed their checks
@@ -212,11 +225,11 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
             model = Transformer(config)
     elif weights_from is not None:
         # Master weights train in fp32 whatever the checkpoint's dtype; bf16 comes from autocast.
-        model = hub.load(weights_from, device=device, dtype=torch.float32, with_tokenizer=False).model
+        model = hub.load(weights_from, device=_build_device(world), dtype=torch.float32, with_tokenizer=False).model
     else:
         model = Transformer(config)
         model.init_weights(cfg.seed)
-        model.to(device)
+        model.to(_build_device(world))
     baseline = unigram_baseline(train_shards, val_shards, config.vocab_size) if val_shards is not None else None
     world.run_on_main(lambda: save_run_yaml(run_dir / "run.yaml", cfg, history))
     summary = {"dir": str(Path(cfg.data).resolve()), "train_tokens": len(train_shards),
@@ -225,6 +238,12 @@ def prepare_run(cfg: TrainConfig, world: World | None = None) -> RunSetup:
     return RunSetup(run_dir, device, bf16, tokenizer, model, sum(p.numel() for p in model.parameters()),
                     loader, val_shards, baseline, resume_from, summary, world=world,
                     weights_dir=model_dir if resume_from is None else None)
+
+
+def _build_device(world: World) -> torch.device:
+    # Expert parallel: every rank builds the whole model on the CPU (the same weights as one process), and
+    # apply_expert_parallel moves only its share of the experts to the device.
+    return torch.device("cpu") if world.ep > 1 else world.device
 
 
 def _shards_weights(cfg: TrainConfig, world: World) -> bool:

@@ -3,6 +3,8 @@ sharded over the data-parallel ranks, gathered layer by layer as the forward and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -23,9 +25,17 @@ def apply_fsdp(model: nn.Module, mesh, bf16: bool, reshard_after_forward: bool =
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
-def apply_ddp(objective: nn.Module, device: torch.device, process_group=None) -> nn.Module:
+def apply_ddp(objective: nn.Module, device: torch.device, process_group=None,
+              ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
     """DDP around the training objective (which holds the model), so its forward returns the loss and its
-    backward all-reduces (averages) the gradients; the model's own names and parameters are unchanged."""
+    backward all-reduces (averages) the gradients; the model's own names and parameters are unchanged.
+
+    ignored: parameters DDP neither broadcasts at the start nor reduces (expert parallel's experts, which differ
+    from rank to rank and whose gradients are finished elsewhere)."""
+    skip = {id(param) for param in ignored}
+    if skip:
+        names = [name for name, param in objective.named_parameters() if id(param) in skip]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, names)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(objective, device_ids=device_ids, process_group=process_group,
                                    find_unused_parameters=False)

@@ -1,4 +1,5 @@
-"""Gradient-norm clipping over parameters that may be sharded (FSDP), split (tensor parallel) or plain."""
+"""Gradient-norm clipping over parameters that may be sharded (FSDP), split (tensor parallel), spread over ranks
+(expert parallel's experts) or plain."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from foundry.train.parallel.expert_parallel import EXPERT_GROUP, is_expert_param
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
@@ -15,7 +19,12 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
 
     DTensor gradients count once over all ranks (a sharded gradient's pieces, a replicated one once), grouped
     by device mesh, because torch's own clip_grad_norm_ cannot combine gradients living on different meshes
-    (FSDP's 1-D layers beside tensor parallel's 2-D ones). NaN or inf propagates into the result."""
+    (FSDP's 1-D layers beside tensor parallel's 2-D ones). Expert parallel: each expert counts once, from the
+    rank of each ep group that holds it. NaN or inf propagates into the result."""
+    parameters = list(parameters)
+    experts = [p for p in parameters if is_expert_param(p)]
+    if experts:
+        return _clip_expert_parallel(parameters, experts, max_norm)
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     if not grads:
@@ -37,6 +46,27 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
         for group in by_mesh.values():
             torch._foreach_mul_(group, coefficient)
     return total
+
+
+def _clip_expert_parallel(parameters: list[torch.Tensor], experts: list[torch.Tensor], max_norm: float) -> float:
+    # The replicated parameters' squared norm here, plus the experts' summed over the ep group (every rank calls
+    # this, with or without expert gradients, so the all-reduce always meets its peers).
+    held = {id(p) for p in experts}
+    shared = [p.grad for p in parameters if p.grad is not None and id(p) not in held]
+    own = [p.grad for p in experts if p.grad is not None]
+    shared_squared, own_squared = (_squared_norm(grads, experts[0].device) for grads in (shared, own))
+    dist.all_reduce(own_squared, group=getattr(experts[0], EXPERT_GROUP))
+    total = math.sqrt(float((shared_squared + own_squared).item()))
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:  # a non-finite total leaves the gradients alone: the loop drops the step
+        torch._foreach_mul_(shared + own, coefficient)
+    return total
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(device, torch.float64) ** 2
 
 
 __all__ = ["clip_grad_norm"]

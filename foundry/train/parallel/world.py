@@ -3,7 +3,8 @@
 torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) starts one
 process per device; each one calls `start_world`, which joins the process group (NCCL on CUDA, gloo on the
 CPU) and lays the ranks out on a 2-D mesh ("dp", "tp"): tensor-parallel groups are neighbouring ranks (on one
-machine, where their traffic is heaviest), data-parallel groups stride across them.
+machine, where their traffic is heaviest), data-parallel groups stride across them. Expert parallelism (ep) splits
+the data-parallel ranks further into groups of ep neighbours (see expert_parallel.py); it needs no mesh dimension.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class DistributedFailure(UserError):
 
 @dataclass
 class World:
-    """This process's place in the run: its rank, the layout (dp x tp) and the device it trains on."""
+    """This process's place in the run: its rank, the layout (dp x tp, ep within dp) and the device it trains on."""
 
     device: torch.device
     rank: int = 0
@@ -38,6 +39,7 @@ class World:
     dp: int = 1
     tp: int = 1
     mesh: Any = None  # torch.distributed DeviceMesh ("dp", "tp") when size > 1
+    ep: int = 1  # expert-parallel degree: each MoE layer's experts split over groups of ep data-parallel ranks
 
     @property
     def is_main(self) -> bool:
@@ -151,6 +153,18 @@ def layout(world_size: int, tp: int, dp: int) -> tuple[int, int]:
     return dp, tp
 
 
+def check_expert_layout(ep: int, dp: int, tp: int) -> None:
+    """Refuse an --ep that the (dp, tp) layout cannot hold: ep groups lie inside the data-parallel dimension."""
+    if ep < 1:
+        raise UserError(f"--ep must be a positive integer, got {ep}")
+    if ep > 1 and tp > 1:
+        raise UserError(f"--ep {ep} does not compose with --tp {tp} yet; use expert parallelism or tensor "
+                        f"parallelism, not both")
+    if dp % ep:
+        raise UserError(f"--ep {ep} must divide the {dp} data-parallel ranks (each group of {ep} ranks shares one "
+                        f"copy of the experts); pick an --ep that divides {dp}")
+
+
 def _device(name: str, local_rank: int) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
@@ -161,19 +175,25 @@ def _device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def start_world(device: str = "auto", tp: int = 1, dp: int = 0, timeout: float = 600.0) -> World:
+def start_world(device: str = "auto", tp: int = 1, dp: int = 0, timeout: float = 600.0, ep: int = 1) -> World:
     """Join the run's process group when torchrun started this process (else a world of one).
 
     timeout: seconds a collective may wait for the other ranks before this rank gives up (a rank that died
-    or hangs then brings the job down instead of leaving it waiting forever)."""
+    or hangs then brings the job down instead of leaving it waiting forever). ep: the expert-parallel degree,
+    which must divide the data-parallel ranks."""
     place = launched()
     if place is None or place[1] == 1:
         if tp > 1 or dp > 1:
             raise UserError(f"--tp {tp} / --dp {dp} need as many processes: start the run with --nproc N "
                             f"(or under torchrun)")
+        if ep > 1:
+            raise UserError(f"--ep {ep} splits the experts over {ep} processes: start the run with --nproc N "
+                            f"(a multiple of {ep}) or under torchrun, or give --ep 1 to train in one process")
+        check_expert_layout(ep, 1, 1)
         return World(_device(device, 0))
     rank, size, local_rank = place
     dp, tp = layout(size, tp, dp)
+    check_expert_layout(ep, dp, tp)
     where = _device(device, local_rank)
     if where.type == "cuda":
         torch.cuda.set_device(where)
@@ -182,8 +202,8 @@ def start_world(device: str = "auto", tp: int = 1, dp: int = 0, timeout: float =
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(where.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return World(where, rank, size, dp, tp, mesh)
+    return World(where, rank, size, dp, tp, mesh, ep)
 
 
 __all__ = ["World", "DistributedFailure", "QuietExit", "start_world", "launched", "is_main_process", "layout",
-           "is_communication_error", "first_sentence"]
+           "check_expert_layout", "is_communication_error", "first_sentence"]
