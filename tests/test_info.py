@@ -121,6 +121,7 @@ def test_deepseek_v3_experts_dense_layers_and_latent_kv_cache(capsys):
 
 def test_moe_tiny_has_experts_in_every_layer_and_a_gqa_cache(capsys):
     config = preset("moe-tiny")
+    assert (round(config.num_params() / 1e6, 1), round(config.num_params(active_only=True) / 1e6, 1)) == (3.1, 1.3)
     assert main(["info", "moe-tiny"]) == 0
     out = capsys.readouterr().out
     assert f"{config.num_params():,}" in out and f"{config.num_params(active_only=True):,}" in out

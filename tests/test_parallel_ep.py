@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_data_dir, step_losses, tiny_cfg
+from train_helpers import make_data_dir, rolled_back, same_losses, tiny_cfg
 
 from foundry import hub
 from foundry.config import preset
@@ -198,20 +197,6 @@ def _pretrain(data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedPro
     return done
 
 
-def _same_losses(run: Path, reference: Path, steps=range(1, STEPS + 1)) -> None:
-    got, want = step_losses(run), step_losses(reference)
-    assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
-
-
-def _rolled_back(run: Path, to: Path, step: int) -> Path:
-    shutil.copytree(run, to)
-    for checkpoint in to.glob("step-*"):
-        if int(checkpoint.name.removeprefix("step-")) > step:
-            shutil.rmtree(checkpoint)
-    (to / "latest").write_text(f"step-{step:06d}\n")
-    return to
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir) -> tuple[Path, Path]:
     """The same 6 steps in one process and as `foundry pretrain --nproc 2 --ep 2` (checkpoints at 3 and 6)."""
@@ -226,7 +211,7 @@ def test_pretrain_with_ep_equals_one_process(runs):
     """One process's losses and, within rounding, its weights; the checkpoint is a whole model directory, which
     transformers loads as Mixtral with foundry's logits."""
     one, two = runs
-    _same_losses(two, one)
+    same_losses(two, one, range(1, STEPS + 1))
     mine = hub.load(two / "step-000006", dtype=torch.float32).model
     single = hub.load(one / "step-000006", dtype=torch.float32).model.state_dict()
     drift = max((tensor - single[name]).abs().max().item() for name, tensor in mine.state_dict().items())
@@ -245,19 +230,20 @@ def test_pretrain_with_ep_equals_one_process(runs):
 def test_an_ep_checkpoint_resumes_at_ep_and_in_one_process(runs, tmp_path, data_dir):
     """Step 3 of the --ep 2 run, resumed at --ep 2 and in one process (--ep 1): the same steps 4-6."""
     one, two = runs
-    again = _rolled_back(two, tmp_path / "again", 3)
+    again = rolled_back(two, tmp_path / "again", 3)
     done = _pretrain(data_dir, again, "--resume", "--nproc", "2", "--ep", "2")
     assert "steps 3->6" in done.stderr
-    _same_losses(again, one)
-    alone = _rolled_back(two, tmp_path / "alone", 3)
+    same_losses(again, one, range(1, STEPS + 1))
+    alone = rolled_back(two, tmp_path / "alone", 3)
     train(TrainConfig(**{**tiny_cfg(data_dir, alone, steps=STEPS, **MOE).to_dict(), "ep": 1, "resume": True}))
-    _same_losses(alone, one)
+    same_losses(alone, one, range(1, STEPS + 1))
 
 
 @pytest.mark.slow
-def test_moe_trains_under_fsdp_as_one_process(runs, tmp_path, data_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_trains_data_parallel_as_one_process(runs, tmp_path, data_dir, parallel):
     """Plain data parallelism, no --ep: every expert gets a gradient on every rank (zeros for one its tokens never
-    chose), so FSDP's reduce-scatters match across ranks and the run is one process's."""
+    chose), so DDP's buckets and FSDP's reduce-scatters match across ranks and the run is one process's."""
     one, _ = runs
-    _pretrain(data_dir, tmp_path / "fsdp", "--nproc", "2", "--parallel", "fsdp")
-    _same_losses(tmp_path / "fsdp", one)
+    _pretrain(data_dir, tmp_path / parallel, "--nproc", "2", "--parallel", parallel)
+    same_losses(tmp_path / parallel, one, range(1, STEPS + 1))

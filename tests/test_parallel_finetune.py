@@ -68,5 +68,5 @@ def test_finetune_refuses_the_sharded_layouts_it_does_not_have(tmp_path, base, s
             "--out", str(tmp_path / "run"), "--steps", "2", "--nproc", "2", "--parallel", "fsdp", "--device", "cpu"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
-    assert "--parallel fsdp and --tp are not built for the recipes yet" in done.stderr
+    assert "--parallel fsdp, --tp and --ep are not built for the recipes yet" in done.stderr
     assert done.stderr.count("not built for the recipes") == 1  # rank 0 speaks for both

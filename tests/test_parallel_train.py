@@ -8,7 +8,6 @@ so per-step losses agree to ~1e-7 relative (observed); 1e-5 leaves room for othe
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_data_dir, step_losses, tiny_cfg
+from train_helpers import make_data_dir, rolled_back, same_losses, step_losses, tiny_cfg
 
 from foundry import hub
 from foundry.hub.sharded import is_sharded
@@ -60,21 +59,6 @@ def _ok(argv: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def _same_losses(run: Path, reference: Path, steps=range(1, STEPS + 1)) -> None:
-    got, want = step_losses(run), step_losses(reference)
-    assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
-
-
-def _rolled_back(run: Path, to: Path, step: int) -> Path:
-    """A copy of `run` as a run stopped after `step` would be: checkpoints past it gone, `latest` naming it."""
-    shutil.copytree(run, to)
-    for checkpoint in to.glob("step-*"):
-        if int(checkpoint.name.removeprefix("step-")) > step:
-            shutil.rmtree(checkpoint)
-    (to / "latest").write_text(f"step-{step:06d}\n")
-    return to
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("fsdp") / "run"
@@ -90,7 +74,7 @@ def test_two_processes_give_one_process_losses(tmp_path, data_dir, reference, fs
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
         run = tmp_path / "run"
         done = _ok(_argv(data_dir, run, STEPS, "--nproc", "2", "--parallel", strategy, "--compile"))
-    _same_losses(run, reference)
+    same_losses(run, reference, range(1, STEPS + 1))
     assert f"{strategy} over 2 data-parallel ranks" in done.stdout
     assert "planned memory per device (foundry plan)" in done.stdout and "measured" in done.stdout
     assert "tokens/s over 2 processes" in done.stdout and "per device)" in done.stdout  # MFU per device
@@ -99,7 +83,7 @@ def test_two_processes_give_one_process_losses(tmp_path, data_dir, reference, fs
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_and_back(tmp_path, data_dir, reference, fsdp_run):
-    two = _rolled_back(fsdp_run[0], tmp_path / "two", 3)
+    two = rolled_back(fsdp_run[0], tmp_path / "two", 3)
     assert sorted(p.name for p in (two / "step-000003" / "dcp").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own share
     # What a job killed while its ranks wrote step 6 leaves: never taken for a checkpoint, removed on resume.
@@ -109,12 +93,12 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(tmp_path, data
     done = _ok(_argv(data_dir, two, STEPS, "--resume"))  # one process reads the shards
     assert not partial.parent.exists()
     assert "parameters on cpu (fp32)" in done.stderr and "steps 3->6" in done.stderr
-    _same_losses(two, reference)
+    same_losses(two, reference, range(1, STEPS + 1))
 
-    one = _rolled_back(reference, tmp_path / "one", 3)
+    one = rolled_back(reference, tmp_path / "one", 3)
     done = _ok(_argv(data_dir, one, STEPS, "--resume", "--nproc", "2", "--parallel", "fsdp"))
     assert "steps 3->6" in done.stderr and "fsdp over 2" in done.stderr
-    _same_losses(one, reference)
+    same_losses(one, reference, range(1, STEPS + 1))
 
 
 def test_a_run_from_a_model_directory_fills_the_shards_tensor_by_tensor(tmp_path, data_dir, reference):
@@ -123,7 +107,7 @@ def test_a_run_from_a_model_directory_fills_the_shards_tensor_by_tensor(tmp_path
     start = ["--model", str(reference / "step-000003")]
     _ok(_argv(data_dir, tmp_path / "one", 3, *start))
     _ok(_argv(data_dir, tmp_path / "two", 3, *start, "--nproc", "2", "--parallel", "fsdp"))
-    _same_losses(tmp_path / "two", tmp_path / "one", steps=range(1, 4))
+    same_losses(tmp_path / "two", tmp_path / "one", range(1, 4))
 
 
 def test_a_sharded_checkpoint_loads_and_exports_as_one_model(tmp_path, reference, fsdp_run):
@@ -239,4 +223,4 @@ def test_torchrun_restarts_a_failed_job_from_its_newest_checkpoint(tmp_path, dat
 def test_two_by_two_mesh_fsdp_with_tensor_parallel_gives_one_process_losses(tmp_path, data_dir, reference):
     done = _ok(_argv(data_dir, tmp_path / "run", STEPS, "--nproc", "4", "--tp", "2"))
     assert "fsdp over 2 data-parallel ranks, tensor parallel 2-way" in done.stdout
-    _same_losses(tmp_path / "run", reference)
+    same_losses(tmp_path / "run", reference, range(1, STEPS + 1))

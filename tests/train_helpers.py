@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,24 @@ def tiny_cfg(data_dir, out, **changes) -> TrainConfig:
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Training loss by step, as metrics.jsonl logged it."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def same_losses(run: Path, reference: Path, steps) -> None:
+    """The two runs logged the same loss at each of `steps` (within summation-order rounding)."""
+    import pytest
+
+    got, want = step_losses(run), step_losses(reference)
+    assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
+
+
+def rolled_back(run: Path, to: Path, step: int) -> Path:
+    """A copy of `run` as a run stopped after `step` would be: checkpoints past it gone, `latest` naming it."""
+    shutil.copytree(run, to)
+    for checkpoint in to.glob("step-*"):
+        if int(checkpoint.name.removeprefix("step-")) > step:
+            shutil.rmtree(checkpoint)
+    (to / "latest").write_text(f"step-{step:06d}\n")
+    return to
 
 
 def pretrain_argv(data_dir, out, steps, *extra) -> list[str]:

@@ -221,7 +221,8 @@ class SpanView:
             values[s:s + 1, :, start:self.end] = v
             return keys[s:s + 1, :, :self.end], values[s:s + 1, :, :self.end]
         keys[self._real_slots, :, self._real_positions] = k.transpose(1, 2).reshape(n * t, heads, dim)[self._real]
-        values[self._real_slots, :, self._real_positions] = v.transpose(1, 2).reshape(n * t, heads, dim)[self._real]
+        values[self._real_slots, :, self._real_positions] = (  # latent attention: v is narrower than k
+            v.transpose(1, 2).reshape(n * t, heads, v.shape[-1])[self._real])
         if self._slots is None:
             return keys[:n, :, :self.end], values[:n, :, :self.end]
         return keys[self._slots, :, :self.end], values[self._slots, :, :self.end]
