@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/foundry demo --out demo-out --overwrite
 
 test: install-dev
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 clean:
 	rm -rf $(VENV) demo-out demo-sft-out examples-out runs
