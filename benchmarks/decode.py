@@ -40,7 +40,7 @@ import torch
 
 from foundry import hub
 from foundry.config import ModelConfig
-from foundry.infer.device import cpu_has_native_bf16
+from foundry.infer.device import cpu_capability, cpu_has_native_bf16
 from foundry.infer.engine import Engine
 from foundry.infer.sampling import SamplingParams
 from foundry.infer.speculative import SpeculativeConfig
@@ -55,13 +55,6 @@ CODE_PROMPT_LEN = 256
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 
 Runner = Callable[[list[list[int]]], list[list[int]]]
-
-
-def cpu_capability() -> str:
-    """What this CPU offers torch's kernels: the dispatch level, native bf16 and AMX."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return (f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if cpu_has_native_bf16() else 'no'}, "
-            f"AMX {'yes' if amx else 'no'}")
 
 
 def engine_runner(engine: Engine, new_tokens: int) -> Runner:

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 from foundry import hub
 from foundry.config import ModelConfig
-from foundry.infer.device import cpu_has_native_bf16
+from foundry.infer.device import cpu_capability
 from foundry.model import Transformer
 from foundry.model.moe import SparseMoE, moe_blocks
 from foundry.train.loss import CausalLMLoss
-from foundry.train.speed import configure_fp32_matmul, cpu_has_amx, matmul_peak
+from foundry.train.speed import configure_fp32_matmul, matmul_peak
 
 MIXTRAL = {"architecture": "MixtralForCausalLM", "model_type": "mixtral", "num_experts": 8, "num_experts_per_tok": 2}
 SHAPES = {  # (vocab, hidden, layers, heads, KV heads, expert width)
@@ -52,12 +52,6 @@ def load_runner_class() -> type:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.Runner
-
-
-def cpu_capability() -> str:
-    """torch's dispatch level plus the flags that decide the fp32/bf16 levers (ENVIRONMENT.md)."""
-    return (f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if cpu_has_native_bf16() else 'no'}, "
-            f"AMX {'yes' if cpu_has_amx() else 'no'}")
 
 
 def configs(quick: bool, seq: int) -> tuple[ModelConfig, ModelConfig]:

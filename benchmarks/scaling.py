@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email
-import importlib.util
 import json
 import os
 import re
@@ -59,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from foundry.core.errors import UserError
+from foundry.infer.device import cpu_capability
 from foundry.train.metrics import read_metrics
 
 WORKER = Path(__file__).with_name("scaling_worker.py")
@@ -66,14 +66,6 @@ TOKENS_RE = re.compile(r"training steps ran at ([\d,.]+) tokens/s")
 MFU_RE = re.compile(r"MFU\s+([\d.]+)% of a ([\d.]+) ([A-Z]?)FLOP/s peak \((.*)\)")
 SCALE = {"": 1.0, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 THREADS_RE = re.compile(r"on CPU, (\d+) threads?")
-
-
-def cpu_capability() -> str:
-    """The CPU as torch detects it: benchmarks/serve.py's helper (dispatch level plus bf16/AMX flags)."""
-    spec = importlib.util.spec_from_file_location("_serve_benchmark", Path(__file__).with_name("serve.py"))
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
-    return serve.cpu_capability()
 
 
 def usable_cores() -> int:

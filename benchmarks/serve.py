@@ -35,22 +35,12 @@ sys.path.insert(0, str(ROOT))
 from foundry import hub  # noqa: E402
 from foundry.config import ModelConfig  # noqa: E402
 from foundry.data.corpus import iter_documents  # noqa: E402
+from foundry.infer.device import cpu_capability  # noqa: E402
 from foundry.model import Transformer  # noqa: E402
 from foundry.tokenizer import Tokenizer  # noqa: E402
 
 CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
               intermediate_size=1024, max_position_embeddings=2048)
-
-
-def cpu_capability() -> str:
-    """torch's dispatch level plus the flags that decide the levers (ENVIRONMENT.md)."""
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    extra = [name for name in ("avx512_bf16", "amx_bf16", "amx_tile") if f" {name}" in flags]
-    return f"{torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def build_model(out: Path) -> Path:

@@ -74,3 +74,11 @@ def test_fp16_only_on_a_gpu_and_unknown_names_refused(gpu):
     with pytest.raises(UserError, match="not a choice"):
         resolve_dtype("float8", CPU)
     assert resolve_dtype("fp32", GPU) == (torch.float32, None)
+
+
+def test_the_cpu_capability_line_names_the_dispatch_level_and_agrees_on_bf16():
+    from foundry.infer.device import cpu_capability, cpu_has_native_bf16
+
+    line = cpu_capability()
+    assert line.startswith(torch.backends.cpu.get_cpu_capability())
+    assert f"native bf16 {'yes' if cpu_has_native_bf16() else 'no'}" in line and "AMX " in line

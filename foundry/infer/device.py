@@ -11,6 +11,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
+def cpu_capability() -> str:
+    """What this CPU offers torch's kernels, as printed beside every benchmark figure: the dispatch level (AVX2,
+    AVX512, ...), native bf16 and AMX."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return (f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if cpu_has_native_bf16() else 'no'}, "
+            f"AMX {'yes' if amx else 'no'}")
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
