@@ -190,3 +190,26 @@ def test_deepseeks_multi_token_prediction_layer_is_passed_over_on_loading(tmp_pa
     ids = torch.randint(0, 512, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("family, change, words", [
+    ("DeepseekV3ForCausalLM", {"scoring_func": "softmax"}, ["DeepSeek-V3", "scoring_func='softmax'", "'sigmoid'"]),
+    ("DeepseekV3ForCausalLM", {"topk_method": "greedy"}, ["DeepSeek-V3", "topk_method='greedy'", "'noaux_tc'"]),
+    ("DeepseekV2ForCausalLM", {"topk_method": "noaux_tc"}, ["DeepSeek-V2", "topk_method='noaux_tc'", "greedy"]),
+    ("DeepseekV2ForCausalLM", {"norm_topk_prob": True}, ["DeepSeek-V2", "norm_topk_prob=true"]),
+    ("DeepseekV2ForCausalLM", {"moe_layer_freq": 2}, ["DeepSeek-V2", "moe_layer_freq=2"]),
+])
+def test_a_config_json_with_routing_foundry_does_not_build_is_refused_by_name(family, change, words):
+    raw = {"architectures": [family], "model_type": "deepseek_v3" if "V3" in family else "deepseek_v2", **change}
+    before = dict(raw)
+    with pytest.raises(UserError) as refused:
+        ModelConfig.from_hf_dict(raw)
+    message = str(refused.value)
+    assert "\n" not in message and all(word in message for word in words), message
+    assert raw == before  # the caller's dict is read, never changed
+
+
+def test_deepseek_shared_experts_must_be_whole_experts_wide_to_be_saved():
+    config = _config(**{**DEEPSEEK, "shared_expert_intermediate_size": 100})  # 64-wide experts
+    with pytest.raises(UserError, match="whole number of routed experts wide"):
+        config.to_hf_dict()

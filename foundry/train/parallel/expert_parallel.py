@@ -109,9 +109,7 @@ def finish_expert_gradients(params: list[nn.Parameter], layout: ExpertLayout) ->
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
+    grads = [p.grad for p in params]
     if layout.replicas is not None:
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=layout.replicas)
