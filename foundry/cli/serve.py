@@ -36,7 +36,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     config = ServeConfig(model_name=args.served_model_name or args.model, host=args.host, port=args.port,
                          api_keys=keys, max_queued_requests=args.max_queued_requests, max_tokens=args.max_tokens,
-                         max_n=args.max_n, max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace)
+                         max_n=args.max_n, max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace,
+                         playground=not args.no_playground)
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it may use it "
               f"(set --api-key or {ENV_KEY})", file=sys.stderr)
@@ -66,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one choice may generate")
     p.add_argument("--max-n", type=int, default=8, help="the most choices (n) one request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    p.add_argument("--no-playground", action="store_true",
+                   help="do not serve the browser chat page at / and /playground (an API-only server)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long running requests may take to finish before they are stopped")
     # Serving is a long session: on a CPU the compiled decode step is on unless --eager (/health answers 503

@@ -28,6 +28,7 @@ from foundry.serve.errors import (
 )
 from foundry.serve.logprobs import TokenText, chat_entries, completion_logprobs
 from foundry.serve.metrics import Metrics
+from foundry.serve.page import PREFIX, add_playground
 from foundry.serve.prepare import Prepared, prepare_chat, prepare_completion
 from foundry.serve.schemas import ChatRequest, CompletionRequest
 
@@ -83,6 +84,8 @@ def create_app(config: ServeConfig, backend: Backend) -> FastAPI:
         return await _answer(request, req, prepared, "chat.completion", backend, metrics, config, arrived)
 
     app.include_router(api)
+    if config.playground:
+        add_playground(app)
     return app
 
 
@@ -283,6 +286,7 @@ class _Reply:
                 chunks += self._decide(i)
             elif not self.buffered[i]:
                 chunks.append(self._chunk(i, {"content": text} if self.chat else text, None))
+        self.metrics.sampled_tokens.inc(len(delta.token_ids))
         if delta.completion is not None:
             self.done[i] = delta.completion
             self.metrics.generation_tokens.inc(delta.completion.completion_tokens)
@@ -372,7 +376,8 @@ class _CountRequests:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        path = scope["path"]
+        route = path if path in ROUTES else "playground" if path == "/" or path.startswith(PREFIX) else "other"
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":

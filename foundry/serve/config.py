@@ -21,6 +21,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     shutdown_grace_s: float = 30.0  # SIGTERM: running requests get this long to finish
     retry_after_s: int = 1  # the Retry-After a 429 carries
+    playground: bool = True  # the browser page at / and /playground
 
     def __post_init__(self) -> None:
         for name in ("max_queued_requests", "max_tokens", "max_n", "max_body_bytes"):

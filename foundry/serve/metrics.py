@@ -50,6 +50,8 @@ class Metrics:
         self.prompt_tokens = Counter("foundry_prompt_tokens", "Prompt tokens of finished choices", registry=r)
         self.generation_tokens = Counter("foundry_generation_tokens", "Tokens generated for finished choices",
                                          registry=r)
+        self.sampled_tokens = Counter("foundry_sampled_tokens", "Tokens sampled, counted as they stream (choices "
+                                      "still generating included): its rate is the server's tokens/s", registry=r)
         self.ttft = Histogram("foundry_time_to_first_token_seconds", "From a request's arrival (queueing "
                               "included) to its first output text", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("foundry_inter_token_latency_seconds", "Between consecutive output pieces of a "
