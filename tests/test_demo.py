@@ -53,6 +53,7 @@ def test_demo_trains_a_model_that_completes_python(tmp_path, capsys):
     assert (tmp_path / "demo" / "run" / "loss.png").is_file()
     out = capsys.readouterr().out
     assert "unigram baseline" in out and PROMPT + figures["sample"] in out  # the sample as printed, unwrapped
+    assert f"try it in a browser: foundry serve {figures['checkpoint']}, then open http://127.0.0.1:8000/" in out
 
     # The completion itself: new text, whole characters, and Python to look at.
     sample, ids = figures["sample"], figures["sample_token_ids"]

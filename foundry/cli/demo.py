@@ -97,6 +97,9 @@ def run_demo(out: str | Path, time_budget: float | None = 300.0, preset_name: st
     print(PROMPT + completion.text, flush=True)  # as generated: rich would wrap long lines and expand tabs
     wall = time.perf_counter() - started
     console.rule(f"done in {wall:.0f}s")
+    # Plain print: rich would wrap the path. A code model: its playground's Completions tab is the one to use.
+    print(f"try it in a browser: foundry serve {result.checkpoint}, then open http://127.0.0.1:8000/ "
+          f"(Completions: this is a code model, not a chat model)", flush=True)
     return {"val_loss": val.loss, "val_ppl": val.perplexity, "baseline_loss": base.loss,
             "baseline_ppl": base.perplexity, "steps": result.step, "tokens": tokens,
             "train_seconds": train_seconds, "wall_seconds": wall, "checkpoint": str(result.checkpoint),

@@ -91,7 +91,7 @@ export class Chat {
     view.addButton("Regenerate", () => this.regenerate(view), "drop this reply and ask again").classList.add("regenerate");
     if (result.calls.length) view.showCalls(result.calls, (call, content) => this.toolResult(call, content));
     if (settings.format !== "text" && result.state === "done" && !result.calls.length) {
-      view.showJSON(checkJSON(result.text, settings.schema));
+      view.showJSON({ ...checkJSON(result.text, settings.schema), cut: result.finish === "length" });
     }
     view.li.scrollIntoView({ block: "end" });
   }

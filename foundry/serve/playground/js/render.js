@@ -172,7 +172,8 @@ export class MessageView {
     const card = el("div", "card json-check");
     card.dataset.valid = String(check.parsed && check.errors.length === 0);
     if (!check.parsed) {
-      card.append(el("p", "error-text", `not valid JSON: ${check.error}`));
+      const why = check.cut ? " (the reply was cut short at max tokens)" : "";
+      card.append(el("p", "error-text", `not valid JSON${why}: ${check.error}`));
     } else {
       const verdict = check.schema === null ? "valid JSON"
         : check.errors.length ? `valid JSON, but it does not match the schema` : "valid JSON, matches the schema";
