@@ -24,6 +24,7 @@ OTHER_VALUES = {
     "device": "cpu", "parallel": "ddp", "tp": 2, "dp": 3, "ep": 2, "reshard_after_forward": False, "dist_timeout": 30.0,
     "resume": True, "overwrite": True, "allow_changes": True,
     "moe_aux_loss_coef": 0.05, "moe_z_loss_coef": 0.001, "moe_bias_update_rate": 0.01,
+    "val_fraction": 0.3, "augment_shift": 1,
 }
 
 

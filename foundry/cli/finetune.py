@@ -7,6 +7,7 @@ import dataclasses
 
 from foundry.cli.launch import add_launch_flags, launch, wants_launch
 from foundry.cli.parsing import add_verb
+from foundry.core.errors import UserError
 from foundry.cli.pretrain import add_settings_flags, restarted_job_resumes, summary_lines
 from foundry.train.config import TrainConfig
 from foundry.train.finetune_config import FINETUNE_DEFAULTS, FinetuneConfig, saved_recipe
@@ -52,6 +53,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, FinetuneCo
         saved = saved_recipe(Path(given.get("out", "")))
         return resume_config(given), FinetuneConfig(**{**saved, **recipe})
     defaults = dict(FINETUNE_DEFAULTS)
+    from foundry.train.vision import vision_kind
+
+    if vision_kind(args.model) is not None:  # images: the model's tokens per image set seq_len
+        return TrainConfig(**{**defaults, **given}), FinetuneConfig(**recipe)
     if "seq_len" not in given:  # rows as long as finetune's default, or the model's whole context if shorter
         from foundry.hub import resolve_model_source
 
@@ -71,6 +76,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from foundry.train.progress import TrainReporter
 
     cfg, ft = configs_from_args(args)
+    from foundry.train.vision import vision_kind
+
+    kind = vision_kind(cfg.model)
+    if kind is not None:
+        if kind != "classify" or ft.recipe != "classify":
+            raise UserError(f"{cfg.model} is a {'ViT' if kind == 'classify' else 'DiT'}: fine-tune a ViT with "
+                            f"--recipe classify on labelled images; a DiT trains on with `foundry pretrain "
+                            f"--model DIT_DIR`")
+        if ft.lora or ft.qlora or ft.val:
+            raise UserError("a ViT fine-tunes every weight on --data with --val-fraction held out: --lora, "
+                            "--qlora and --val are for the language models")
+        from foundry.cli.vision import train_vision
+
+        return train_vision(cfg, ft.val_fraction, "finetune-classify")
     main_rank = is_main_process()  # the other ranks of a distributed run train silently
     reporter = ConsoleTrainReporter() if main_rank else TrainReporter()
     notes: list[str] = []
@@ -93,5 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.epilog = EPILOG
     p.add_argument("model", metavar="MODEL", help="the model directory (or run directory) to start from")
     add_settings_flags(p, FinetuneConfig)
-    add_settings_flags(p, TrainConfig, skip=("model", "tokenizer"), defaults=FINETUNE_DEFAULTS, helps=_OWN_HELP)
+    # --val-fraction is the recipe's (FinetuneConfig), for texts and images alike.
+    add_settings_flags(p, TrainConfig, skip=("model", "tokenizer", "val_fraction"), defaults=FINETUNE_DEFAULTS,
+                       helps=_OWN_HELP)
     add_launch_flags(p)

@@ -7,11 +7,12 @@ import os
 import sys
 import time
 
-from foundry.cli import data, demo, export, finetune, generate, info, merge, plan, pretrain, quantize, serve
+from foundry.cli import data, demo, export, finetune, generate, info, merge, plan, pretrain, quantize, serve, vision
 from foundry.cli import eval as eval_verbs  # `eval` and `lm-eval` (the name would shadow the builtin)
 from foundry.core.errors import UserError
 
-VERB_MODULES = (info, pretrain, finetune, demo, data, generate, plan, export, quantize, serve, eval_verbs, merge)
+VERB_MODULES = (info, pretrain, finetune, demo, data, generate, plan, export, quantize, serve, eval_verbs, merge,
+                vision)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,6 +152,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from foundry.train.setup import prepare_run
 
     cfg = train_config_from_args(args)
+    from foundry.train.vision import vision_kind
+
+    if vision_kind(cfg.model) is not None:  # a ViT or DiT: images, not token shards
+        from foundry.cli.vision import train_vision
+
+        return train_vision(cfg, cfg.val_fraction, "pretrain")
     main_rank = is_main_process()  # the other ranks of a distributed run train silently
     setup = prepare_run(cfg)
     plan = planned_memory(setup, cfg)

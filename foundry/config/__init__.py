@@ -9,3 +9,4 @@ from foundry.config.presets import PRESETS, preset
 from foundry.config.config_file import read_config_file
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "read_config_file", "ACTIVATIONS", "ROPE_TYPES", "LAYER_TYPES"]
+from foundry.config.vision_config import VISION_PRESETS, ImageProcessing, ViTConfig, vision_preset  # noqa: E402,F401

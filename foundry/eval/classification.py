@@ -104,15 +104,16 @@ def classification_report(true_ids: Sequence[int], pred_ids: Sequence[int],
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device | str = "cpu",
             autocast: ContextManager | None = None) -> tuple[list[int], list[int]]:
-    """(true class ids, predicted class ids) over (input_ids, pad_mask, labels) batches, in eval mode."""
+    """(true class ids, predicted class ids) over batches of (model inputs..., labels), in eval mode: (input_ids,
+    pad_mask, labels) for a text classifier, (pixels, labels) for an image classifier."""
     was_training = model.training
     model.eval()
     true_ids: list[int] = []
     pred_ids: list[int] = []
     try:
-        for input_ids, pad_mask, labels in batches:
+        for *inputs, labels in batches:
             with autocast or nullcontext():
-                logits = model(input_ids.to(device), pad_mask.to(device))
+                logits = model(*(t.to(device) for t in inputs))
             pred_ids += logits.argmax(dim=-1).tolist()
             true_ids += labels.tolist()
     finally:
@@ -123,8 +124,8 @@ def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
 def evaluate_classifier(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                         labels: Sequence[str] | None = None, device: torch.device | str = "cpu",
                         autocast: ContextManager | None = None) -> ClassificationReport:
-    """The report of a classifier (ids, pad_mask -> logits) over (input_ids, pad_mask, labels) batches;
-    labels name the classes (default: their indices)."""
+    """The report of a classifier over batches of (model inputs..., labels) (see predict); labels name the classes
+    (default: their indices)."""
     true_ids, pred_ids = predict(model, batches, device, autocast)
     if labels is None:
         labels = [str(k) for k in range(getattr(model, "num_labels", max(true_ids + pred_ids) + 1))]

@@ -17,5 +17,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Whether a checkpoint directory holds a model: its config.json, or a LoRA adapter's (written last)."""
-    return (checkpoint / "config.json").is_file() or (checkpoint / "adapter_config.json").is_file()
+    """Whether a checkpoint directory holds a model: its config.json, a LoRA adapter's, or a diffusion model's
+    model_index.json (written last)."""
+    return any((checkpoint / name).is_file() for name in ("config.json", "adapter_config.json", "model_index.json"))

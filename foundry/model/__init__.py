@@ -7,3 +7,5 @@ from foundry.model.kv_cache import KVCache
 from foundry.model.transformer import Transformer
 
 __all__ = ["KVCache", "Transformer"]
+from foundry.model.vit import ViT  # noqa: E402,F401
+from foundry.model.dit import DiT  # noqa: E402,F401

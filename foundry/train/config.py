@@ -55,6 +55,10 @@ class TrainConfig:
     moe_bias_update_rate: float = _setting(0.001, "mixture of experts with a routing correction bias (DeepSeek-V3): "
                                            "its step towards balanced loads after each optimizer step (0: off)")
     seed: int = _setting(1337, "seed for initialisation and data order")
+    val_fraction: float = _setting(0.2, "vision models: the share of each label's images held out for validation "
+                                   "(token data has DATA_DIR's own split)")
+    augment_shift: int = _setting(0, "vision models: shift each training image by up to N pixels (drawn per image "
+                                  "and step; the border black)")
     eval_every: int = _setting(100, "steps between validation evaluations (0: only at the end)")
     eval_batches: int = _setting(20, "validation batches per periodic evaluation (0: the whole split)")
     final_eval_batches: int = _setting(0, "validation batches at the end (0: the whole split, like the baseline)")
@@ -107,6 +111,10 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.augment_shift < 0:
+            raise UserError(f"--augment-shift must not be negative, got {self.augment_shift}")
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{flag_name(name)} must not be negative, got {getattr(self, name)}")
@@ -236,7 +244,8 @@ def save_run_yaml(path: Path, cfg: TrainConfig, history: list[dict[str, Any]]) -
     settings = {name: value for name, value in cfg.to_dict().items() if name not in ACTIONS}
     for name in _PATHS:
         value = settings[name]
-        if value and (name != "model" or Path(value).exists()):  # a preset name is not a path
+        # A preset name is not a path, nor is the embedded image set `digits` (when no such file is there).
+        if value and (name not in ("model", "data") or Path(value).exists()):
             settings[name] = os.path.abspath(value)
     if history:
         settings[CHANGES] = history
