@@ -19,7 +19,7 @@ from tests.train_helpers import same_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIT_FLAGS = ["--batch-size", "128", "--lr", "3e-3", "--warmup", "10", "--weight-decay", "0.05", "--eval-every", "50",
+VIT_FLAGS = ["--warmup", "10", "--batch-size", "128", "--lr", "3e-3", "--weight-decay", "0.05", "--eval-every", "100",
              "--log-every", "10", "--save-every", "0"]
 
 
@@ -31,19 +31,21 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
+    """README's ViT run: 600 steps of 128 digits (about 40 s on one thread)."""
     out = tmp_path_factory.mktemp("vit") / "run"
-    code = main(["pretrain", "--model", "vit-tiny", "--data", "digits", "--out", str(out), "--steps", "100",
-                 *VIT_FLAGS])
+    code = main(["pretrain", "--model", "vit-tiny", "--data", "digits", "--out", str(out), "--steps", "600",
+                 "--warmup", "50", *VIT_FLAGS[2:]])
     assert code == 0
     return out
 
 
+@pytest.mark.slow
 def test_a_vit_learns_the_digits_and_saves_what_transformers_loads(vit_run):
     from transformers import ViTForImageClassification, ViTImageProcessor
 
     records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in records if "val_accuracy" in r]
-    assert accuracy and accuracy[-1] > 0.8  # 10 classes: chance is 0.1 (100 steps; 600 reach 97%: see README)
+    assert accuracy[-1] >= 0.95  # the issue's target on the held-out digits (README: 97.2%)
     assert (vit_run / "confusion.png").is_file()
     checkpoint = vit_run / (vit_run / "latest").read_text().strip()
     reference = ViTForImageClassification.from_pretrained(checkpoint).eval()
