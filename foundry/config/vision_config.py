@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from foundry.config.labels import id2label_names
 from foundry.config.model_config import ACTIVATIONS, checked_fields
 from foundry.core.errors import UserError
 
@@ -254,13 +255,7 @@ def _labels_of(raw: dict[str, Any], where: str) -> list[str]:
         count = raw.get("num_labels", 2)  # transformers' PreTrainedConfig default
         _positive_int(count, "num_labels", where)
         return [f"LABEL_{i}" for i in range(count)]
-    try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (AttributeError, TypeError, ValueError):
-        labels = {}
-    if not labels or sorted(labels) != list(range(len(labels))):
-        raise UserError(f"{where}: id2label must map 0..n-1 to label names, got {id2label!r}")
-    return [labels[i] for i in range(len(labels))]
+    return id2label_names(id2label, where)
 
 
 # ---- presets ---------------------------------------------------------------------------------

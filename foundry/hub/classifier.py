@@ -13,6 +13,7 @@ import torch
 
 from foundry.config import ModelConfig
 from foundry.config.families import SUPPORTED_ARCHITECTURES
+from foundry.config.labels import id2label_names
 from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _checkpoint_dtype, _new_dir, read_state, resolve_model_dir
@@ -150,14 +151,7 @@ def is_classifier_dir(path: str | Path) -> bool:
 
 
 def _labels(raw: dict[str, Any], where: Path) -> list[str]:
-    id2label = raw.get("id2label")
-    try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (AttributeError, TypeError, ValueError):
-        labels = {}
-    if not labels or sorted(labels) != list(range(len(labels))):
-        raise UserError(f"{where}: id2label must map 0..n-1 to label names, got {id2label!r}")
-    return [labels[i] for i in range(len(labels))]
+    return id2label_names(raw.get("id2label"), where)
 
 
 def _load_weights(classifier: SequenceClassifier, model_dir: Path, device: str | torch.device,

@@ -30,7 +30,7 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _new_dir
 from foundry.hub.run_dir import LATEST
-from foundry.hub.weights import read_tensors
+from foundry.hub.weights import checked_state, read_tensors
 from foundry.model.dit import DiT
 from foundry.model.noise_schedule import SCHEDULER_CLASS, NoiseSchedule
 
@@ -136,21 +136,7 @@ def _resolve(spec: str | Path) -> tuple[Path, Path]:
 
 def _load_weights(model: DiT, path: Path, device: str | torch.device, dtype: torch.dtype | None) -> None:
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for name, tensor in read_tensors("safetensors", [path]):
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if tensor.shape != expected[name]:
-            raise UserError(f"{path}: tensor {name} has shape {list(tensor.shape)}, but its config.json "
-                            f"makes it {list(expected[name])}")
-        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    missing = [name for name in expected if name not in state]
-    if missing or unexpected:
-        raise UserError(f"{path}: the weights do not match its config.json: "
-                        + "; ".join(f"{len(names)} {what}, first {names[0]}"
-                                    for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
+    state = checked_state(read_tensors("safetensors", [path]), expected, str(path), "its config.json", device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_positions(device)  # the fixed table was built on the meta device
 

@@ -18,7 +18,8 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _checkpoint_dtype, _new_dir, resolve_model_dir
 from foundry.hub.run_dir import latest_checkpoint
-from foundry.hub.weights import DEFAULT_SHARD_SIZE, parse_size, read_tensors, weight_files, write_tensors
+from foundry.hub.weights import (DEFAULT_SHARD_SIZE, checked_state, parse_size, read_tensors, weight_files,
+                                 write_tensors)
 from foundry.model.vit import ViT
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -135,25 +136,13 @@ def _read_state(model_dir: Path, expected: dict[str, torch.Size], device: str | 
                 dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """A directory's tensors, checked against `expected` (name -> shape): every name there, nothing else."""
     kind, files = weight_files(model_dir)
-    state: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for stored, tensor in read_tensors(kind, files):
+
+    def rename(stored: str) -> str | None:
         name = file_name(stored)
-        if name.startswith(_UNUSED):
-            continue
-        if name not in expected:
-            unexpected.append(stored)
-            continue
-        if tensor.shape != expected[name]:
-            raise UserError(f"{model_dir}: tensor {stored} has shape {list(tensor.shape)}, config.json implies "
-                            f"{list(expected[name])}")
-        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    missing = [name for name in expected if name not in state]
-    if missing or unexpected:
-        raise UserError(f"{model_dir}: the weights do not match config.json (ViTForImageClassification): "
-                        + "; ".join(f"{len(names)} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-                                    for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
-    return state
+        return None if name.startswith(_UNUSED) else name
+
+    return checked_state(read_tensors(kind, files), expected, str(model_dir),
+                         "config.json (ViTForImageClassification)", device, dtype, rename)
 
 
 def load_vit(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedViT:

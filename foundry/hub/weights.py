@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -273,3 +273,31 @@ def write_tensors(model_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], 
                                                    "weight_map": {n: names[k] for n, k in weight_map.items()}})
     fsync_dir(model_dir)
     return written_dtype
+
+
+def checked_state(tensors: Iterator[tuple[str, torch.Tensor]], expected: dict[str, torch.Size], where: str,
+                  against: str, device: str | torch.device, dtype: torch.dtype | None,
+                  rename: Callable[[str], str | None] = lambda name: name) -> dict[str, torch.Tensor]:
+    """A file's tensors by model name, checked against `expected` (name -> shape): every name there, nothing
+    else, each of its shape; refused in one line naming what is missing, unexpected or misshapen otherwise.
+
+    rename(stored name) gives the model's name, or None for a tensor the model does not use (passed over)."""
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for stored, tensor in tensors:
+        name = rename(stored)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(stored)
+            continue
+        if tensor.shape != expected[name]:
+            raise UserError(f"{where}: tensor {stored} has shape {list(tensor.shape)}, {against} makes it "
+                            f"{list(expected[name])}")
+        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = [name for name in expected if name not in state]
+    if missing or unexpected:
+        raise UserError(f"{where}: the weights do not match {against}: "
+                        + "; ".join(f"{len(names)} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                                    for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
+    return state
