@@ -197,3 +197,12 @@ def test_guidance_needs_a_null_class(tmp_path, capsys):
     code, _, _ = run(["generate-image", str(path), "--guidance", "1", "--num", "1", "--steps", "2", "--out",
                       str(tmp_path / "g.png")], capsys)
     assert code == 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_vit_as_one(tmp_path):
+    flags = ["--model", "vit-tiny", "--data", "digits", "--steps", "4", "--batch-size", "32", "--eval-every", "0",
+             "--log-every", "1", "--save-every", "0"]
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "one")]) == 0
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0  # DDP replicas, gloo
+    same_losses(tmp_path / "two", tmp_path / "one", range(1, 5))
