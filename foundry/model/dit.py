@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foundry.config.vision_config import DiTConfig
+from foundry.model.encoder_attention import encoder_attention
 
 TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep features (diffusers' Timesteps(256, ...))
 _FIXED_EPS = 1e-6  # diffusers' adaLN-Zero and output LayerNorms use this, not config.norm_eps
@@ -140,7 +141,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = encoder_attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, d))
 
 

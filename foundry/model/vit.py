@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foundry.config.vision_config import ViTConfig
+from foundry.model.encoder_attention import encoder_attention
 from foundry.core.errors import UserError
 from foundry.model.layers import ACTIVATIONS
 
@@ -85,7 +86,7 @@ class SelfAttention(nn.Module):
         batch, tokens, hidden = x.shape
         q, k, v = (proj(x).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
+        out = encoder_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(batch, tokens, hidden)
 
 
