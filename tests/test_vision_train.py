@@ -106,6 +106,18 @@ def test_finetuning_a_vit_on_an_image_folder(vit_run, tmp_path, capsys):
     code, text, _ = run(["finetune", str(checkpoint), "--recipe", "classify", "--data", str(folder), "--out",
                          str(tmp_path / "ft"), "--steps", "3", "--batch-size", "16", "--val-fraction", "0.25"], capsys)
     assert code == 0 and "accuracy" in text
+    # Other classes than the model's: a new head over the pretrained body, saved with the new labels.
+    parity = tmp_path / "parity"
+    for i, (image, label) in enumerate(zip(data.images[:120], data.labels[:120])):
+        (parity / ("even" if int(label) % 2 == 0 else "odd")).mkdir(parents=True, exist_ok=True)
+        image.save(parity / ("even" if int(label) % 2 == 0 else "odd") / f"{i}.png")
+    code, _, err = run(["finetune", str(checkpoint), "--recipe", "classify", "--data", str(parity), "--out",
+                        str(tmp_path / "ft-parity"), "--steps", "3", "--batch-size", "16"], capsys)
+    assert code == 0 and "training a new classification head" in err
+    tuned = load_vit(tmp_path / "ft-parity")
+    assert tuned.model.config.labels == ["even", "odd"]
+    body = load_vit(checkpoint).model.vit.embeddings.patch_embeddings.projection.weight
+    assert tuned.model.vit.embeddings.patch_embeddings.projection.weight.shape == body.shape
     code, _, err = run(["finetune", str(checkpoint), "--recipe", "classify", "--lora", "--data", str(folder),
                         "--out", str(tmp_path / "ft2")], capsys)
     assert code == 2 and "--lora" in err and "Traceback" not in err

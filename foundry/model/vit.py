@@ -164,6 +164,19 @@ class ViT(nn.Module):
     def num_labels(self) -> int:
         return self.config.num_labels
 
+    def replace_head(self, labels: list[str], seed: int | None = None) -> None:
+        """Classify into `labels` from now on: a fresh head (N(0, initializer_range), zero bias) on the same body,
+        as fine-tuning a pretrained ViT on other classes starts."""
+        self.config = self.config.with_labels(labels)
+        old = self.classifier
+        self.classifier = nn.Linear(self.config.hidden_size, len(labels), device=old.weight.device,
+                                    dtype=old.weight.dtype)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.randn(self.classifier.weight.shape, generator=gen)
+                                         * self.config.initializer_range)
+            self.classifier.bias.zero_()
+
     def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
         """Raise UserError unless pixel_values is a [B, num_channels, H, W] batch this model can read."""
         config = self.config

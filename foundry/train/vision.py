@@ -163,12 +163,18 @@ def _check_layout(cfg: TrainConfig, world: World) -> None:
                         "here); --parallel fsdp, --tp and --ep are for the language models: drop them")
 
 
-def _starting_model(kind: str, cfg: TrainConfig, source: Path | None, images: ImageSet,
-                    device: torch.device) -> tuple[nn.Module, ImageProcessing, list[str], NoiseSchedule | None]:
+def _starting_model(kind: str, cfg: TrainConfig, source: Path | None, images: ImageSet, device: torch.device,
+                    notes: list[str]) -> tuple[nn.Module, ImageProcessing, list[str], NoiseSchedule | None]:
     """(model, its image processing, its labels, its noise schedule) from a directory, or fresh from the preset."""
     if source is not None and kind == "classify":
         loaded = load_vit(source, device=device, dtype=torch.float32)
-        return loaded.model, loaded.processing, list(loaded.model.config.labels), None
+        model, labels = loaded.model, list(loaded.model.config.labels)
+        if set(images.label_set) - set(labels):  # other classes than the model's: a new head over the same body
+            notes.append(f"the data's labels ({', '.join(images.label_set)}) are not all among {source}'s "
+                         f"({', '.join(labels)}): training a new classification head for them")
+            labels = list(images.label_set)
+            model.replace_head(labels, cfg.seed)
+        return model, loaded.processing, labels, None
     if source is not None:
         loaded = load_dit(source, device=device, dtype=torch.float32)
         return loaded.model, processing_for(loaded.model.config.sample_size, loaded.model.config.in_channels), \
@@ -216,17 +222,17 @@ def prepare_vision(cfg: TrainConfig, val_fraction: float, world: World | None = 
     run_dir, resume_from = world.run_on_main(lambda: _locate_run(cfg))
     history = world.run_on_main(lambda: resume_history(cfg, run_dir, resume_from))
     device = world.device
-    local_batch_size(cfg, world)
+    batch_size = local_batch_size(cfg, world)
     configure_fp32_matmul(cfg.fast_fp32, device)
     images = read_images(cfg.data)
     source = resume_from or (Path(cfg.model) if vision_preset(cfg.model) is None else None)
     torch.manual_seed(cfg.seed)
-    model, processing, labels, schedule = _starting_model(kind, cfg, source, images, device)
+    model, processing, labels, schedule = _starting_model(kind, cfg, source, images, device, notes)
     data = _split(images, labels, processing, val_fraction, cfg.seed)
     if len(set(data.train_ids)) < 2 and kind == "classify":
         raise UserError(f"--data {cfg.data}: a classifier needs images of at least two labels to train on")
     fill = torch.tensor([(0.0 - m) / s for m, s in zip(processing.image_mean, processing.image_std)])
-    loader = ImageBatches(data.train_pixels, data.train_ids, cfg.batch_size // world.dp, cfg.seed,
+    loader = ImageBatches(data.train_pixels, data.train_ids, batch_size, cfg.seed,
                           shift=cfg.augment_shift, fill=fill, rank=world.dp_rank, world_size=world.dp)
     config = model.config
     if kind == "classify":
