@@ -27,6 +27,7 @@ from torch import nn
 from foundry.config import ModelConfig
 from foundry.core.errors import UserError
 from foundry.core.files import atomic_path, write_json
+from foundry.hub.stored import read_json_object
 from foundry.hub.weights import layout_of
 from foundry.model.lora import LoRASettings, apply_lora, load_lora_state, lora_layers
 from foundry.model.quantized import QuantizedLinear
@@ -54,13 +55,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{adapter_dir} is not an adapter directory: it has no {ADAPTER_CONFIG}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 # ---- the base model's identity -----------------------------------------------------------------

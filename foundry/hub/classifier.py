@@ -5,7 +5,6 @@ AutoModelForSequenceClassification loads it as it is."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _checkpoint_dtype, _new_dir, read_state, resolve_model_dir
 from foundry.hub.run_dir import latest_checkpoint
+from foundry.hub.stored import read_json_object
 from foundry.hub.weights import DEFAULT_SHARD_SIZE, layout_of, parse_size, write_tensors
 from foundry.model import Transformer
 from foundry.model.classifier import SequenceClassifier
@@ -122,13 +122,7 @@ def save_classifier(out_dir: str | Path, classifier: SequenceClassifier, tokeniz
 
 
 def _read_config_json(model_dir: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{model_dir / 'config.json'} is not a JSON object")
-    return raw
+    return read_json_object(model_dir / "config.json")
 
 
 def _architecture(raw: dict[str, Any]) -> str | None:

@@ -17,7 +17,6 @@ written under the model's own state_dict names, which are diffusers' (foundry.mo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _new_dir
 from foundry.hub.run_dir import LATEST
+from foundry.hub.stored import read_json_object
 from foundry.hub.weights import checked_state, read_tensors
 from foundry.model.dit import DiT
 from foundry.model.noise_schedule import SCHEDULER_CLASS, NoiseSchedule
@@ -92,7 +92,7 @@ def is_dit_dir(path: str | Path) -> bool:
 
 
 def _is_dit_config(path: Path) -> bool:
-    return path.is_file() and _read_json(path).get("_class_name") == DIT_CLASS
+    return path.is_file() and read_json_object(path).get("_class_name") == DIT_CLASS
 
 
 def _find(path: Path) -> tuple[Path, Path] | None:
@@ -107,16 +107,6 @@ def _find(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return raw
-
-
 def _resolve(spec: str | Path) -> tuple[Path, Path]:
     path = Path(spec).expanduser()
     found = _find(path) if path.is_dir() else None
@@ -124,7 +114,7 @@ def _resolve(spec: str | Path) -> tuple[Path, Path]:
         return found
     for name in (TRANSFORMER_CONFIG, "config.json"):
         if (path / name).is_file():
-            kind = _read_json(path / name).get("_class_name") or _read_json(path / name).get("architectures")
+            kind = read_json_object(path / name).get("_class_name") or read_json_object(path / name).get("architectures")
             raise UserError(f"{path / name} describes {kind!r}, not a {DIT_CLASS}; foundry loads DiTs from it only")
     if (path / MODEL_INDEX).is_file():
         raise UserError(f"{path} is an incomplete DiT directory: {TRANSFORMER_CONFIG} missing")
@@ -153,15 +143,15 @@ def load_dit(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.
                         + (" (sharded or .bin weights are not read)" if any(transformer_dir.glob("*.bin*"))
                            or any(transformer_dir.glob("*.index.json")) else ""))
     config_path = transformer_dir / "config.json"
-    config = DiTConfig.from_diffusers_dict(_read_json(config_path), str(config_path))
+    config = DiTConfig.from_diffusers_dict(read_json_object(config_path), str(config_path))
     scheduler = model_dir / SCHEDULER_CONFIG
-    schedule = (NoiseSchedule.from_scheduler_config(_read_json(scheduler), str(scheduler)) if scheduler.is_file()
+    schedule = (NoiseSchedule.from_scheduler_config(read_json_object(scheduler), str(scheduler)) if scheduler.is_file()
                 else NoiseSchedule.from_scheduler_config({}))
     with torch.device("meta"):
         model = DiT(config)
     _load_weights(model, weights, device, dtype)
     model.eval()
-    meta = _read_json(model_dir / "foundry.json") if (model_dir / "foundry.json").is_file() else {}
+    meta = read_json_object(model_dir / "foundry.json") if (model_dir / "foundry.json").is_file() else {}
     return LoadedDiT(model, schedule, model_dir, meta)
 
 

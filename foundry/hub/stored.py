@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from foundry.core.errors import UserError
+
 # safetensors' dtype names -> torch's, as config.json's torch_dtype spells them.
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -39,6 +41,18 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             return json.loads(handle.read(size)) if size < 100_000_000 else {}
     except (OSError, struct.error, ValueError):
         return {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, foundry.json, ...); one clear line when it cannot be read, is not
+    JSON, or holds something else."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return raw
 
 
 def read_json_if_any(path: Path) -> Any:

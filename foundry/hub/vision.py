@@ -5,7 +5,6 @@ loads what transformers saves."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from foundry.core.errors import UserError
 from foundry.core.files import atomic_dir, write_json
 from foundry.hub.directory import _checkpoint_dtype, _new_dir, resolve_model_dir
 from foundry.hub.run_dir import latest_checkpoint
+from foundry.hub.stored import read_json_object
 from foundry.hub.weights import (DEFAULT_SHARD_SIZE, checked_state, parse_size, read_tensors, weight_files,
                                  write_tensors)
 from foundry.model.vit import ViT
@@ -86,13 +86,6 @@ def save_vit(out_dir: str | Path, model: ViT, processing: ImageProcessing, meta:
     return out_dir
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-
-
 def is_vit_dir(path: str | Path) -> bool:
     """Whether a model directory (or a run directory's newest checkpoint) holds a ViT: config.json's model_type."""
     path = Path(path)
@@ -101,7 +94,7 @@ def is_vit_dir(path: str | Path) -> bool:
     if not (path / "config.json").is_file():
         return False
     try:
-        raw = _read_json(path / "config.json")
+        raw = read_json_object(path / "config.json")
     except UserError:
         return False
     return isinstance(raw, dict) and raw.get("model_type") == "vit"
@@ -110,7 +103,7 @@ def is_vit_dir(path: str | Path) -> bool:
 def read_vit_config(model_dir: Path) -> ViTConfig:
     """The ViTConfig of a directory's config.json."""
     where = model_dir / "config.json"
-    return ViTConfig.from_hf_dict(_read_json(where), str(where))
+    return ViTConfig.from_hf_dict(read_json_object(where), str(where))
 
 
 def read_processing(model_dir: Path, config: ViTConfig) -> ImageProcessing:
@@ -119,7 +112,7 @@ def read_processing(model_dir: Path, config: ViTConfig) -> ImageProcessing:
     path = model_dir / PREPROCESSOR_CONFIG
     if not path.is_file():
         return ImageProcessing(size=config.image_size, num_channels=config.num_channels)
-    return ImageProcessing.from_hf_dict(_read_json(path), str(path), num_channels=config.num_channels)
+    return ImageProcessing.from_hf_dict(read_json_object(path), str(path), num_channels=config.num_channels)
 
 
 def file_name(name: str) -> str:
@@ -163,7 +156,7 @@ def load_vit(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     meta_path = model_dir / "foundry.json"
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    meta = read_json_object(meta_path) if meta_path.is_file() else {}
     return LoadedViT(model, processing, model_dir, meta if isinstance(meta, dict) else {})
 
 
