@@ -425,13 +425,14 @@ def test_server_errors_are_messages_in_the_page(page, server, client):
     assert error.get_attribute("data-status") == "400" and error.get_attribute("data-code") == "context_length_exceeded"
     assert "400 context_length_exceeded" in error.text and error.get_attribute("role") == "alert"
     # A full server: two requests running, one waiting, so the page's is refused with Retry-After.
-    running = [client.completions.create(model="tiny", prompt="long", max_tokens=LONG, temperature=0, stream=True)
-               for _ in range(2)]
-    for stream in running:
-        next(iter(stream))
-    waiting = raw_request(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
-    wait_for(server, lambda m: m["foundry_requests_waiting"] == 1, "one waiting")
+    running, waiting = [], None
     try:
+        for _ in range(2):  # each admitted and generating (its first text read) before the next is sent
+            running.append(client.completions.create(model="tiny", prompt="long", max_tokens=LONG, temperature=0,
+                                                     stream=True))
+            next(iter(running[-1]))
+        waiting = raw_request(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
+        wait_for(server, lambda m: m["foundry_requests_waiting"] == 1, "one waiting")
         send(page, "Am I queued?", max_tokens=4)
         error = finished(page)
         assert error.get_attribute("data-status") == "429" and "queue_full" in error.text
@@ -439,7 +440,8 @@ def test_server_errors_are_messages_in_the_page(page, server, client):
     finally:
         for stream in running:
             stream.close()
-        waiting.close()
+        if waiting is not None:
+            waiting.close()
     wait_for(server, lambda m: m["foundry_requests_running"] + m["foundry_requests_waiting"] == 0, "an idle server")
     error.find_element("xpath", ".//button[text()='Retry']").click()  # the same turn again, now served
     assert finished(page).get_attribute("data-state") == "done"
@@ -530,7 +532,7 @@ def test_the_server_panel_shows_the_servers_metrics(page, server):
     until(page, lambda d: f"/ {capacity} tokens" in by_id(d, "m-kv").text, "the KV-cache figures")
     until(page, lambda d: re.fullmatch(r"\d+ ms \(\d+ requests?\)", by_id(d, "m-ttft").text), "the mean TTFT")
     until(page, lambda d: re.fullmatch(r"[\d.]+", by_id(d, "m-rate").text), "a tokens/s figure")
-    assert by_id(page, "m-running").text == "0" and by_id(page, "m-waiting").text == "0"
+    until(page, lambda d: by_id(d, "m-running").text == "0" and by_id(d, "m-waiting").text == "0", "an idle server")
     hits = int(metrics(server)["foundry_prefix_cache_hit_tokens_total"])
     assert hits > 0  # the chat tests' second turns
     until(page, lambda d: by_id(d, "m-prefix").text == f"{hits} tokens", "the prefix-cache hits")
