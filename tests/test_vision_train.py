@@ -46,7 +46,7 @@ def test_a_vit_learns_the_digits_and_saves_what_transformers_loads(vit_run):
     records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in records if "val_accuracy" in r]
     assert accuracy[-1] >= 0.95  # the target on the held-out digits (README: 97.2%)
-    assert (vit_run / "confusion.png").is_file()
+    assert (vit_run / "confusion.png").is_file() and (vit_run / "loss.png").is_file()
     checkpoint = vit_run / (vit_run / "latest").read_text().strip()
     reference = ViTForImageClassification.from_pretrained(checkpoint).eval()
     processor = ViTImageProcessor.from_pretrained(checkpoint)
@@ -136,7 +136,7 @@ def test_a_dit_trains_and_saves_what_diffusers_loads(dit_run):
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     checkpoint = dit_run / (dit_run / "latest").read_text().strip()
-    assert (dit_run / "samples.png").is_file()
+    assert (dit_run / "samples.png").is_file() and (dit_run / "loss.png").is_file()
     reference = DiTTransformer2DModel.from_pretrained(checkpoint / "transformer").eval()
     DDIMScheduler.from_pretrained(checkpoint / "scheduler")
     ours = load_dit(checkpoint).model
