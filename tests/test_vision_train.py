@@ -190,6 +190,7 @@ def test_bad_vision_input_is_one_line_and_status_2(dit_run, vit_run, tmp_path, c
         code, _, err = run(argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
         assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not (tmp_path / "x.png").exists()  # refused before anything was written
 
 
 def test_guidance_needs_a_null_class(tmp_path, capsys):

@@ -104,7 +104,6 @@ def _cmd_generate_image(args: argparse.Namespace) -> int:
     from foundry.data.images import write_image_grid
     from foundry.hub.diffusion import load_dit
     from foundry.infer.diffusion import sample
-    from foundry.train.vision import _dit_labels
 
     for name in ("num", "steps"):
         if getattr(args, name) < 1:
@@ -115,7 +114,7 @@ def _cmd_generate_image(args: argparse.Namespace) -> int:
         raise UserError(f"--guidance {args.guidance:g}: {loaded.path} was trained without a null class "
                         f"(class_dropout_prob 0), so it has no unconditional model to guide against; use "
                         f"--guidance 1")
-    labels = _dit_labels(loaded.path, model.config.num_classes)
+    labels = loaded.labels
     classes = _classes(args, labels)
     wanted = torch.tensor(classes).repeat_interleave(args.num)
     generator = torch.Generator().manual_seed(args.seed)
@@ -128,7 +127,7 @@ def _cmd_generate_image(args: argparse.Namespace) -> int:
     if args.judge:
         from foundry.cli.vision_judge import judge_samples
 
-        judge_samples(args.judge, images, wanted, labels, args.real, generator_dir=Path(loaded.path))
+        judge_samples(args.judge, images, wanted, labels, args.real, generator_meta=loaded.meta)
     return 0
 
 

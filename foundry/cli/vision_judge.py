@@ -11,26 +11,22 @@ offline with a classifier trained on real images of the same classes.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
 from foundry.core.errors import UserError
 
 
-def _split_of(model_dir: Path, images) -> tuple[list[int], list[int]]:
-    """The (train, held-out) split a foundry run of `model_dir` made of these images (its seed, its fraction)."""
+def _split_of(meta: dict, images) -> tuple[list[int], list[int]]:
+    """The (train, held-out) split a foundry run made of these images (its foundry.json `meta`: seed, fraction)."""
     from foundry.data.images import stratified_split
 
-    meta_file = model_dir / "foundry.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     train_config = meta.get("train_config", {})
     return stratified_split(images.labels, train_config.get("val_fraction", 0.2), train_config.get("seed", 1337))
 
 
 def judge_samples(judge_dir: str, samples: torch.Tensor, wanted: torch.Tensor, labels: list[str],
-                  real_spec: str, generator_dir: Path | None = None) -> dict[str, float]:
+                  real_spec: str, generator_meta: dict | None = None) -> dict[str, float]:
     """Print and return agreement, digits-FD (and its real-vs-real floor) and nearest-neighbour distances."""
     from foundry.data.images import read_images
     from foundry.eval.images import frechet_distance, nearest_distances
@@ -55,7 +51,7 @@ def judge_samples(judge_dir: str, samples: torch.Tensor, wanted: torch.Tensor, l
     if as_judge.shape[-1] != scale.size:
         as_judge = torch.nn.functional.interpolate(as_judge, size=(scale.size, scale.size), mode="bilinear")
     real_pixels = real.pixels(scale)
-    judge_train, judge_val = _split_of(Path(judge.path), real)
+    judge_train, judge_val = _split_of(judge.meta, real)
     with torch.no_grad():
         predicted = model(as_judge).argmax(-1)
         real_predicted = model(real_pixels[judge_val]).argmax(-1)
@@ -75,8 +71,8 @@ def judge_samples(judge_dir: str, samples: torch.Tensor, wanted: torch.Tensor, l
     figures = {"agreement": agreement, "judge_accuracy": judge_accuracy, "digits_fd": fd, "digits_fd_real": floor}
     # Pixel distances in the [-1, 1] range the generator works in.
     real_unit = real.pixels(processing_for(samples.shape[-1], samples.shape[1]))
-    if generator_dir is not None:
-        gen_train, gen_val = _split_of(generator_dir, real)
+    if generator_meta is not None:
+        gen_train, gen_val = _split_of(generator_meta, real)
         sample_nn = nearest_distances(samples, real_unit[gen_train])
         real_nn = nearest_distances(real_unit[gen_val], real_unit[gen_train])
         figures.update({"nn_distance_samples": float(sample_nn.median()), "nn_distance_real": float(real_nn.median())})
@@ -84,7 +80,7 @@ def judge_samples(judge_dir: str, samples: torch.Tensor, wanted: torch.Tensor, l
           f"(its accuracy on {len(judge_val)} real held-out images: {judge_accuracy:.1%})", flush=True)
     print(f"  digits-FD     {fd:.3f} (Frechet distance on the classifier's {sample_features.shape[1]} features; "
           f"two disjoint sets of {n} real images: {floor:.3f}); not FID", flush=True)
-    if generator_dir is not None:
+    if generator_meta is not None:
         print(f"  nearest       median pixel distance to the nearest training image: samples "
               f"{figures['nn_distance_samples']:.3f}, real held-out images {figures['nn_distance_real']:.3f} "
               f"(copies would be near 0)", flush=True)

@@ -51,6 +51,12 @@ class LoadedDiT:
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)  # foundry.json
 
+    @property
+    def labels(self) -> list[str]:
+        """The class names a foundry run wrote to foundry.json (diffusers' files have none); else "0", "1", ..."""
+        labels = self.meta.get("labels")
+        return list(labels) if labels else [str(i) for i in range(self.model.config.num_classes)]
+
 
 def model_index() -> dict[str, Any]:
     """model_index.json contents: the pipeline's components by (library, class), as diffusers spells them."""

@@ -8,7 +8,6 @@ Both start from a preset (`vit-tiny`, `dit-tiny`) or from a model directory of t
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,7 +177,7 @@ def _starting_model(kind: str, cfg: TrainConfig, source: Path | None, images: Im
     if source is not None:
         loaded = load_dit(source, device=device, dtype=torch.float32)
         return loaded.model, processing_for(loaded.model.config.sample_size, loaded.model.config.in_channels), \
-            _dit_labels(source, loaded.model.config.num_classes), loaded.schedule
+            loaded.labels, loaded.schedule
     config = vision_preset(cfg.model)
     labels = list(images.label_set)
     if kind == "classify":
@@ -193,13 +192,6 @@ def _starting_model(kind: str, cfg: TrainConfig, source: Path | None, images: Im
         schedule = NoiseSchedule()
     model.init_weights(cfg.seed)
     return model.to(device), processing, labels, schedule
-
-
-def _dit_labels(model_dir: Path, num_classes: int) -> list[str]:
-    """The class names a DiT run wrote to foundry.json (diffusers' files have none): else "0", "1", ..."""
-    meta_file = Path(model_dir) / "foundry.json"
-    labels = json.loads(meta_file.read_text()).get("labels") if meta_file.is_file() else None
-    return list(labels) if labels else [str(i) for i in range(num_classes)]
 
 
 def prepare_vision(cfg: TrainConfig, val_fraction: float, world: World | None = None,
